@@ -1,0 +1,171 @@
+"""jsonl conversations → token ids, assistant-only labels and per-media frames or cached features."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from dataset.media import MediaError, read_media
+from model.chat import IGNORE, BadSample
+
+
+def as_list(value):
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def read_jsonl(path):
+    """→ list of (line number, record or an error string for a malformed line)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                rows.append((n, record if isinstance(record, dict) else "line is not a JSON object"))
+            except json.JSONDecodeError as e:
+                rows.append((n, f"malformed JSON ({e.msg})"))
+    return rows
+
+
+class ConversationDataset(Dataset):
+    """Samples in the DESIGN.md schema.
+
+    Training items carry the whole conversation with labels; with for_generation=True the last
+    assistant turn becomes the reference and the ids end with the assistant prompt.
+    An unusable sample comes back as {"error": one line naming the file}; with strict=True it raises.
+    """
+
+    def __init__(self, jsonl_path, chat, num_frames: int, max_len: int, media_root=None,
+                 cache=None, preprocess=None, for_generation=False, strict=False):
+        self.path = str(jsonl_path)
+        self.rows = read_jsonl(jsonl_path)
+        self.chat, self.num_frames, self.max_len = chat, num_frames, max_len
+        self.media_root = Path(media_root) if media_root else Path(jsonl_path).parent
+        self.cache, self.preprocess = cache, preprocess
+        self.for_generation, self.strict = for_generation, strict
+
+    def __len__(self):
+        return len(self.rows)
+
+    def media_keys(self) -> set:
+        return {key for _, record in self.rows if isinstance(record, dict)
+                for kind in ("image", "video") for key in as_list(record.get(kind))}
+
+    def uncached(self) -> set:
+        """Media whose features must be computed online (not in the feature cache)."""
+        return {k for k in self.media_keys() if self.cache is None or k not in self.cache}
+
+    def __getitem__(self, i):
+        line, record = self.rows[i]
+        try:
+            if isinstance(record, str):
+                raise BadSample(record)
+            return self._build(record)
+        except (BadSample, MediaError) as e:
+            message = f"{self.path}:{line}: {e}"
+            if self.strict:
+                raise BadSample(message) from None
+            return {"error": message}
+
+    def _build(self, record):
+        conversations = record.get("conversations")
+        reference = None
+        if self.for_generation:
+            if not isinstance(conversations, list) or not conversations \
+                    or not isinstance(conversations[-1], dict) or conversations[-1].get("role") != "assistant":
+                raise BadSample("the last turn must be the assistant's reference answer")
+            reference = conversations[-1].get("content", "")
+            conversations = conversations[:-1]
+        ids, labels, kinds = self.chat.encode(conversations, add_generation_prompt=self.for_generation)
+        if not self.for_generation and all(x == IGNORE for x in labels):
+            raise BadSample("no assistant turn to learn from")
+        if len(ids) > self.max_len:
+            raise BadSample(f"{len(ids)} tokens, longer than max_len={self.max_len}")
+        media = self._media(record, kinds)
+        item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "media": media,
+                "id": record.get("id", ""), "category": record.get("category", ""),
+                "subset": record.get("subset", "")}
+        if reference is not None:
+            item["reference"] = reference
+        return item
+
+    def _media(self, record, kinds):
+        """One entry per marker, in marker order: ('features', (T,d)) or ('pixels', (T,3,S,S))."""
+        pools = {"image": as_list(record.get("image")), "video": as_list(record.get("video"))}
+        for kind, paths in pools.items():
+            count = kinds.count(kind)
+            if count != len(paths):
+                raise BadSample(f"{count} <{kind}> marker(s) for {len(paths)} {kind} item(s)")
+        taken = {"image": 0, "video": 0}
+        media = []
+        for kind in kinds:
+            rel = pools[kind][taken[kind]]
+            taken[kind] += 1
+            cached = self.cache.get(rel) if self.cache is not None else None
+            if cached is not None:
+                media.append(("features", cached))
+                continue
+            if self.preprocess is None:
+                raise BadSample(f"{rel}: not in the feature cache and no encoder to compute it")
+            frames = read_media(self.media_root / rel, kind, self.num_frames)
+            media.append(("pixels", self.preprocess(frames)))
+        return media
+
+
+def warn(message):
+    print(f"warning: skipped {message}", file=sys.stderr, flush=True)
+
+
+def collate(items, pad_id: int, left_pad=False):
+    """Pad ids (right for training, left for generation); keep media in batch order.
+
+    Unusable items are dropped with a warning; batch["skipped"] counts them.
+    """
+    good = []
+    for item in items:
+        if "error" in item:
+            warn(item["error"])
+        else:
+            good.append(item)
+    batch = {"skipped": len(items) - len(good), "size": len(good)}
+    if not good:
+        return batch
+    width = max(len(it["input_ids"]) for it in good)
+    ids = torch.full((len(good), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(good), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(good), width), dtype=torch.bool)
+    for row, it in enumerate(good):
+        n = len(it["input_ids"])
+        cols = slice(width - n, width) if left_pad else slice(0, n)
+        ids[row, cols], labels[row, cols], mask[row, cols] = it["input_ids"], it["labels"], True
+    batch.update(input_ids=ids, labels=labels, attention_mask=mask,
+                 media=[m for it in good for m in it["media"]])
+    for key in ("id", "category", "subset", "reference"):
+        if key in good[0]:
+            batch[key] = [it.get(key) for it in good]
+    return batch
+
+
+def frames_and_mask(media, encoder=None, device="cpu"):
+    """Media entries → CLIP features padded to (N, T_max, d) and a (N, T_max) valid-frame mask.
+
+    Pixels go through the frozen encoder in one batch; cached features are used as they are.
+    """
+    if not media:
+        return None, None
+    pixels = [x for kind, x in media if kind == "pixels"]
+    if pixels:
+        if encoder is None:
+            raise ValueError("media needs the vision encoder but none was loaded")
+        encoded = iter(encoder.encode_pixels(torch.cat(pixels)).split([len(p) for p in pixels]))
+    feats = [next(encoded) if kind == "pixels" else x for kind, x in media]
+    T = max(len(f) for f in feats)
+    out = torch.zeros(len(feats), T, feats[0].shape[-1])
+    mask = torch.zeros(len(feats), T, dtype=torch.bool)
+    for i, f in enumerate(feats):
+        out[i, :len(f)], mask[i, :len(f)] = f.float(), True
+    return out.to(device), mask.to(device)

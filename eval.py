@@ -1,0 +1,203 @@
+"""Use a trained checkpoint: interactive chat about a video/image, one answer (--prompt), or batch scoring on a jsonl."""
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from dataset.features import open_cache
+from dataset.media import MediaError, read_media
+from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
+from model.chat import BadSample, ChatEncoder, load_tokenizer
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.vision import FrameEncoder
+
+
+class EvalError(Exception):
+    """Bad input for eval.py: printed as one line, exit status 1."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--weight", required=True, help="checkpoint path, or a name in --out_dir (e.g. sft_video_128)")
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--tokenizer", default=None, help="default: the one named in the checkpoint")
+    p.add_argument("--clip_pretrained", default=None, help="override the checkpoint's vision weights (tag or file)")
+    p.add_argument("--video", default=None)
+    p.add_argument("--image", default=None)
+    p.add_argument("--prompt", default=None, help="answer this once and exit (no interactive chat)")
+    p.add_argument("--data_path", default=None, help="batch mode: jsonl whose last assistant turn is the reference")
+    p.add_argument("--media_root", default=None)
+    p.add_argument("--feature_dir", default=None, help="feature cache folder ('none' disables)")
+    p.add_argument("--out", default=None, help="batch mode: predictions jsonl")
+    p.add_argument("--metrics_out", default=None, help="batch mode: metrics json")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def find_weight(name: str, out_dir: str) -> Path:
+    for candidate in (Path(name), Path(out_dir) / name, Path(out_dir) / f"{name}.safetensors"):
+        if candidate.is_file():
+            return candidate
+    held = sorted(p.name for p in Path(out_dir).glob("*.safetensors")) if Path(out_dir).is_dir() else []
+    raise EvalError(f"{name}: no such checkpoint; {out_dir}/ holds: {', '.join(held) or 'nothing'}")
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation and extra spaces removed: 'A red circle.' == 'a red  circle'."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+class Session:
+    """A loaded checkpoint with its tokenizer; the frozen encoder is loaded on first need."""
+
+    def __init__(self, args):
+        self.args = args
+        path = find_weight(args.weight, args.out_dir)
+        self.model, meta = load_checkpoint(path, args.device, clip_pretrained=args.clip_pretrained)
+        self.model.eval()
+        tok_path = args.tokenizer or meta.get("tokenizer", "model/tokenizer")
+        if not Path(tok_path).is_dir():
+            raise EvalError(f"{tok_path}: tokenizer folder not found (pass --tokenizer)")
+        self.tokenizer = load_tokenizer(tok_path)
+        self.chat = ChatEncoder(self.tokenizer, self.model.vision_cfg.num_visual_tokens)
+        self._encoder = None
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            self._encoder = FrameEncoder(self.model.vision_cfg, self.args.device)
+        return self._encoder
+
+    def generate(self, batch, frames, frame_mask, stream=None):
+        """Greedy or sampled answers for a left-padded batch; `stream(text)` gets deltas of row 0."""
+        gen = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
+        rows = [[] for _ in range(batch["input_ids"].shape[0])]
+        shown = ""
+        steps = self.model.generate(batch["input_ids"].to(self.args.device), batch["attention_mask"].to(self.args.device),
+                                    frames, frame_mask, self.args.max_new_tokens, self.args.temperature,
+                                    self.args.top_p, eos_id=self.chat.im_end, generator=gen)
+        for token in steps:
+            for row, t in zip(rows, token.tolist()):
+                if not row or row[-1] != self.chat.im_end:
+                    row.append(t)
+            if stream:
+                text = self.tokenizer.decode(rows[0], skip_special_tokens=True)
+                stream(text[len(shown):])
+                shown = text
+        return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+
+
+def score(session, args):
+    """Batch mode: generate for every line, exact-match against the reference, write preds + metrics."""
+    if not Path(args.data_path).is_file():
+        raise EvalError(f"{args.data_path}: no such file")
+    cfg = session.model.vision_cfg
+    data_dir = Path(args.media_root) if args.media_root else Path(args.data_path).parent
+    data = ConversationDataset(args.data_path, session.chat, cfg.num_frames, session.model.lm_cfg.max_seq_len,
+                               media_root=args.media_root, cache=open_cache(data_dir, cfg, args.feature_dir),
+                               for_generation=True)
+    encoder = session.encoder if data.uncached() else None
+    if encoder:
+        data.preprocess = encoder.pixels
+    loader = DataLoader(data, batch_size=args.batch_size, num_workers=2 if encoder else 0,
+                        collate_fn=partial(collate, pad_id=session.chat.pad_id, left_pad=True))
+    preds, skipped, start = [], 0, time.perf_counter()
+    for batch in loader:
+        skipped += batch["skipped"]
+        if not batch["size"]:
+            continue
+        frames, mask = frames_and_mask(batch["media"], encoder, args.device)
+        answers = session.generate(batch, frames, mask)
+        for i, answer in enumerate(answers):
+            ref = batch["reference"][i]
+            preds.append({"id": batch["id"][i], "category": batch["category"][i], "subset": batch["subset"][i],
+                          "prediction": answer, "reference": ref, "correct": normalise(answer) == normalise(ref)})
+    metrics = summarise(preds, skipped, time.perf_counter() - start)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in preds)
+    if args.metrics_out:
+        Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics_out).write_text(json.dumps(metrics, indent=1))
+    print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "skipped", "by_category")}))
+    return metrics
+
+
+def summarise(preds, skipped, seconds):
+    def accuracy(rows):
+        return round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0
+    groups = {"by_category": defaultdict(list), "by_subset": defaultdict(list)}
+    for p in preds:
+        if p["category"]:
+            groups["by_category"][p["category"]].append(p)
+        if p["subset"]:
+            groups["by_subset"][p["subset"]].append(p)
+    return {"accuracy": accuracy(preds), "n": len(preds), "skipped": skipped,
+            **{name: {k: accuracy(v) for k, v in sorted(g.items())} for name, g in groups.items()},
+            "seconds": round(seconds, 2)}
+
+
+def chat(session, args):
+    """Interactive (or single --prompt) conversation; the media stays part of every turn."""
+    media, markers = [], ""
+    for kind, path in (("image", args.image), ("video", args.video)):
+        if path:
+            frames = read_media(path, kind, session.model.vision_cfg.num_frames)
+            media.append(("features", session.encoder.encode(frames)))
+            markers += f"<{kind}>\n"
+    frames, mask = frames_and_mask(media, None, args.device)
+    conversation = []
+    interactive = args.prompt is None
+    if interactive:
+        print("Type a message (empty line or Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                text = input("> ").strip()
+            except EOFError:
+                break
+            if not text:
+                break
+        else:
+            text = args.prompt
+        content = (markers if not conversation else "") + text
+        conversation.append({"role": "user", "content": content})
+        ids, _, _ = session.chat.encode(conversation, add_generation_prompt=True)
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.bool)}
+        answer = session.generate(batch, frames, mask, stream=lambda s: print(s, end="", flush=True))[0]
+        print()
+        conversation.append({"role": "assistant", "content": answer})
+        if not interactive:
+            break
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        session = Session(args)
+        if args.data_path:
+            score(session, args)
+        else:
+            chat(session, args)
+    except (EvalError, CheckpointError, MediaError, BadSample, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

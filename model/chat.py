@@ -1,0 +1,83 @@
+"""Chat format: conversations → token ids with assistant-only labels and K visual slots per media marker."""
+import re
+
+IGNORE = -100
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"]
+VISION_PAD = "<|vision_pad|>"
+MEDIA_MARKER = re.compile(r"(<video>|<image>)")
+# The same text our ids spell out; stored with the tokenizer so HF tools format chats identically.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+class BadSample(ValueError):
+    """A sample whose conversation cannot be used; the message says why."""
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(path))
+    vocab = tok.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ValueError(f"{path}: tokenizer lacks special tokens {missing}")
+    return tok
+
+
+class ChatEncoder:
+    """Turns [{"role","content"}, ...] into ids; literal special tokens in text stay plain text."""
+
+    def __init__(self, tokenizer, num_visual_tokens: int):
+        self.tok = tokenizer
+        self.k = num_visual_tokens
+        ids = tokenizer.convert_tokens_to_ids
+        self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
+        self.vision_pad = ids(VISION_PAD)
+        self.pad_id = ids("<|endoftext|>")
+        self.newline = self.text("\n")
+
+    def text(self, s: str) -> list:
+        # split_special_tokens: "<|im_start|>" typed by a user is text, never a control token.
+        return self.tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def content(self, s: str, media_kinds: list) -> list:
+        """User text with each <video>/<image> marker replaced by K slots; records marker kinds."""
+        ids = []
+        for piece in MEDIA_MARKER.split(s):
+            if piece in ("<video>", "<image>"):
+                media_kinds.append(piece[1:-1])
+                ids += [self.vision_pad] * self.k
+            elif piece:
+                ids += self.text(piece)
+        return ids
+
+    def encode(self, conversations: list, add_generation_prompt=False):
+        """→ (ids, labels, media_kinds). Labels cover each assistant answer and its <|im_end|>."""
+        if not isinstance(conversations, list) or not conversations:
+            raise BadSample("'conversations' must be a non-empty list")
+        turns = list(conversations)
+        ids, labels, kinds = [], [], []
+        if isinstance(turns[0], dict) and turns[0].get("role") == "system":
+            roles = ["system"] + [("user", "assistant")[i % 2] for i in range(len(turns) - 1)]
+        else:
+            roles = [("user", "assistant")[i % 2] for i in range(len(turns))]
+        for i, (turn, role) in enumerate(zip(turns, roles)):
+            if not isinstance(turn, dict) or turn.get("role") != role or not isinstance(turn.get("content"), str):
+                got = turn.get("role") if isinstance(turn, dict) else type(turn).__name__
+                raise BadSample(f"turn {i} is {got!r}, expected a {role!r} turn with text content "
+                                "(turns alternate user/assistant, starting with user)")
+            head = [self.im_start] + self.text(f"{role}\n")
+            if role == "user":
+                body = self.content(turn["content"], kinds) + [self.im_end]
+                body_labels = [IGNORE] * len(body)
+            else:
+                body = self.text(turn["content"]) + [self.im_end]
+                body_labels = body if role == "assistant" else [IGNORE] * len(body)
+            ids += head + body + self.newline
+            labels += [IGNORE] * len(head) + body_labels + [IGNORE] * len(self.newline)
+        if add_generation_prompt:
+            head = [self.im_start] + self.text("assistant\n")
+            ids += head
+            labels += [IGNORE] * len(head)
+        return ids, labels, kinds

@@ -1,0 +1,46 @@
+"""The two config dataclasses: the language model's shape and the vision path's shape."""
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class LMConfig:
+    """A Llama-style decoder. Defaults are MiniMind2-small, so its base weights can be loaded."""
+    vocab_size: int = 6400
+    hidden_size: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int = 1408
+    max_seq_len: int = 2048          # RoPE table length; generation stops here
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+
+@dataclass
+class VisionConfig:
+    """Frozen open_clip encoder → VideoSummary → projector; how many frames and visual tokens."""
+    clip_model: str = "ViT-S-32"    # open_clip architecture name
+    clip_pretrained: str = ""        # open_clip pretrained tag, or a local weights file
+    clip_image_size: int = 0         # 0 keeps the architecture's own input size
+    clip_dim: int = 384              # width of the encoder's pooled output (set from the encoder)
+    num_frames: int = 8              # frames sampled per video, identical in training and eval
+    summary: str = "temporal"        # "temporal" (sees frame order) or "mean" (ablation)
+    num_visual_tokens: int = 8       # K tokens per image or video handed to the LM
+    summary_dim: int = 256
+    summary_layers: int = 2
+    summary_heads: int = 4
+    vision_token_id: int = 3         # the tokenizer's <|vision_pad|> id: slots the visual tokens fill
+
+
+def config_to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+def config_from_dict(cls, values: dict):
+    """Build a config from a dict; unknown keys are an error, not silently dropped."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**values)

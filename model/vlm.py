@@ -1,0 +1,93 @@
+"""The video LLM: visual tokens from VideoSummary + projector spliced into the LM at <|vision_pad|> slots."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import LMConfig, VisionConfig
+from model.lm import KVCache, LanguageModel
+from model.video_summary import build_summary
+
+
+class VideoLLM(nn.Module):
+    """Holds the trainable parts only; the frozen CLIP tower lives outside (model.vision.FrameEncoder)."""
+
+    def __init__(self, lm_cfg: LMConfig, vision_cfg: VisionConfig):
+        super().__init__()
+        self.lm_cfg, self.vision_cfg = lm_cfg, vision_cfg
+        self.lm = LanguageModel(lm_cfg)
+        self.summary = build_summary(vision_cfg)
+        self.projector = nn.Sequential(
+            nn.Linear(vision_cfg.summary_dim, lm_cfg.hidden_size), nn.GELU(),
+            nn.Linear(lm_cfg.hidden_size, lm_cfg.hidden_size))
+
+    def visual_tokens(self, frames, frame_mask):
+        """(N, T, d_clip) CLIP features → (N, K, d_lm) LM-space tokens."""
+        return self.projector(self.summary(frames, frame_mask))
+
+    def embed(self, input_ids, frames=None, frame_mask=None):
+        """Token embeddings with each media's K visual tokens written into its K slots, in order."""
+        x = self.lm.embed_tokens(input_ids)
+        slots = input_ids == self.vision_cfg.vision_token_id
+        n_slots = int(slots.sum())
+        n_media = 0 if frames is None else frames.shape[0]
+        if n_slots != n_media * self.vision_cfg.num_visual_tokens:
+            raise ValueError(f"{n_slots} visual slots in the text but {n_media} media × "
+                             f"{self.vision_cfg.num_visual_tokens} tokens")
+        if n_media:
+            vis = self.visual_tokens(frames.to(x.dtype), frame_mask).to(x.dtype)
+            x = x.masked_scatter(slots.unsqueeze(-1), vis)
+        return x
+
+    def forward(self, input_ids, labels=None, frames=None, frame_mask=None):
+        """Returns logits, or with labels (-100 = ignored) the summed token loss and the token count."""
+        logits = self.lm(self.embed(input_ids, frames, frame_mask))
+        if labels is None:
+            return logits
+        targets = labels[:, 1:]
+        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                   ignore_index=-100, reduction="sum")
+        return loss_sum, (targets != -100).sum()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, frames=None, frame_mask=None,
+                 max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+        """Yield the next token of every row, step by step (streaming); prompts are left-padded.
+
+        temperature 0 is greedy; otherwise sample from the top-p nucleus. Rows that produced
+        eos_id keep yielding eos_id; iteration stops when all rows are done.
+        """
+        B, L = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        total = min(L + max_new_tokens, self.lm_cfg.max_seq_len)
+        cache = KVCache(self.lm_cfg, B, total, input_ids.device, self.lm.embed_tokens.weight.dtype)
+        mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
+        mask[:, :L] = attention_mask.bool()
+        positions = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.lm(self.embed(input_ids, frames, frame_mask), positions, mask, cache)[:, -1]
+        next_pos = positions[:, -1] + 1
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for _ in range(total - L):
+            token = sample_next(logits, temperature, top_p, generator)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            yield token
+            if bool(done.all()) or cache.length >= total:
+                return
+            mask[:, cache.length] = True
+            logits = self.lm(self.lm.embed_tokens(token[:, None]), next_pos[:, None], mask, cache)[:, -1]
+            next_pos = next_pos + 1
+
+
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,182 @@
+"""Tests for scripts/make_synthetic.py: decodable videos, jsonl schema, held-out combos, pixels."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import decord
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_synthetic as ms  # noqa: E402
+
+SIZE, FRAMES, N_VIDEOS, SEED = 64, 16, 12, 7
+SPLITS = ("pretrain", "sft_image", "sft_video", "test")
+COLOUR_TOLERANCE = 50  # max RGB distance after an H.264 round trip that still counts as "that colour"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    meta = ms.generate(out, n_videos=N_VIDEOS, seed=SEED, size=SIZE, frames=FRAMES, workers=2)
+    return out, meta
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def read_frames(path):
+    reader = decord.VideoReader(str(path))
+    return reader.get_batch(list(range(len(reader)))).asnumpy()
+
+
+def colour_mask(frames, colour):
+    distance = np.linalg.norm(frames.astype(np.float32) - np.array(ms.COLOURS[colour], np.float32), axis=-1)
+    return distance < COLOUR_TOLERANCE
+
+
+def caption_objects(caption):
+    """(colour, shape, motion) of every object a canonical video caption names."""
+    thing = r"an? (\w+) (\w+)"
+    action = r"(?:moves (\w+)|stays (still))"
+    if m := re.fullmatch(rf"{thing} {action}\.", caption, re.I):
+        return [(m[1], m[2], m[3] or m[4])]
+    if m := re.fullmatch(rf"{thing} {action}\. {thing} (?:appears|leaves)\.", caption, re.I):
+        return [(m[1], m[2], m[3] or m[4]), (m[5], m[6], "still")]
+    if m := re.fullmatch(rf"{thing} moves (\w+), then {thing} moves (\w+)\.", caption, re.I):
+        return [(m[1], m[2], m[3]), (m[4], m[5], m[6])]
+    raise AssertionError(f"not a canonical caption: {caption!r}")
+
+
+def test_every_video_decodes_with_expected_frames_and_size(dataset):
+    out, meta = dataset
+    videos = sorted((out / "videos").glob("*.mp4"))
+    assert len(videos) == meta["counts"]["train_videos"] + meta["counts"]["test_videos"]
+    for path in videos:
+        reader = decord.VideoReader(str(path))
+        assert len(reader) == FRAMES
+        assert reader[0].shape == (SIZE, SIZE, 3)
+
+
+def test_jsonl_schema_markers_and_media(dataset):
+    out, _ = dataset
+    for split in SPLITS:
+        records = read_jsonl(out / f"{split}.jsonl")
+        assert records
+        for record in records:
+            media_keys = [k for k in ("video", "image") if k in record]
+            assert len(media_keys) == 1
+            media_key = media_keys[0]
+            assert (out / record[media_key]).is_file()
+            turns = record["conversations"]
+            assert len(turns) >= 2 and len(turns) % 2 == 0
+            assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+            text = "".join(t["content"] for t in turns)
+            marker = f"<{media_key}>"
+            assert text.count("<video>") + text.count("<image>") == 1
+            assert turns[0]["content"].startswith(marker + "\n")
+            expected_category = "multi" if len(turns) > 2 else record["category"]
+            assert record["category"] == expected_category
+            assert ("subset" in record) == (split == "test")
+
+
+def test_held_out_combos_cover_every_value_and_pair():
+    held_out = ms.choose_held_out(SEED)
+    assert len(held_out) == 12 and held_out == ms.choose_held_out(SEED)
+    remaining = [c for c in ms.all_combos() if c not in held_out]
+    assert ms.held_out_is_learnable(held_out, remaining)
+
+
+def test_training_videos_never_use_held_out_combos(dataset):
+    out, meta = dataset
+    held_out = {tuple(c) for c in meta["held_out"]}
+    captions = [r["conversations"][1]["content"] for r in read_jsonl(out / "pretrain.jsonl") if "video" in r]
+    assert len(captions) == N_VIDEOS
+    for caption in captions:
+        for combo in caption_objects(caption):
+            assert combo not in held_out, caption
+
+
+def test_test_split_has_both_subsets_all_categories_and_fresh_videos(dataset):
+    out, meta = dataset
+    held_out = {tuple(c) for c in meta["held_out"]}
+    records = read_jsonl(out / "test.jsonl")
+    assert {r["subset"] for r in records} == {"novel_combo", "standard"}
+    assert {r["category"] for r in records} == set(ms.TEST_CATEGORY_ORDER)
+    assert all(r["video"].startswith("videos/t") for r in records)
+    captions = [r for r in records if r["category"] == "caption"]
+    assert all(r["conversations"][0]["content"] == "<video>\nDescribe the video." for r in captions)
+    for record in records:
+        if record["category"] != "direction":
+            continue
+        question = record["conversations"][0]["content"]
+        colour, shape = re.fullmatch(r"<video>\nWhich way does the (\w+) (\w+) move\?", question).groups()
+        primary = (colour, shape, record["conversations"][1]["content"])
+        assert (primary in held_out) == (record["subset"] == "novel_combo")
+
+
+def test_same_seed_gives_identical_text_files(dataset, tmp_path):
+    out, _ = dataset
+    ms.generate(tmp_path, n_videos=N_VIDEOS, seed=SEED, size=SIZE, frames=FRAMES, workers=1)
+    for name in [f"{s}.jsonl" for s in SPLITS] + ["meta.json"]:
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def write_scene(tmp_path, kind, primary, second=None, first_mover=None):
+    rng = ms.item_rng(0, 99)
+    objects = ms.place_objects(rng, kind, primary, second, SIZE, FRAMES, first_mover)
+    scene = ms.VideoScene("probe", kind, objects, first_mover)
+    path = tmp_path / "probe.mp4"
+    ms.write_media((scene, path, ms.RenderSettings(SIZE, FRAMES, 8, ms.pick_codec())))
+    return read_frames(path)
+
+
+def test_right_moving_object_centroid_increases(tmp_path):
+    frames = write_scene(tmp_path, "single", ("red", "circle", "right"))
+    masks = colour_mask(frames, "red")
+    assert all(mask.sum() > 50 for mask in masks)
+    centroid_x = [np.nonzero(mask)[1].mean() for mask in masks]
+    assert all(b > a for a, b in zip(centroid_x, centroid_x[1:]))
+    assert centroid_x[-1] - centroid_x[0] > 0.5 * SIZE
+
+
+def test_appearing_object_only_in_second_half(tmp_path):
+    frames = write_scene(tmp_path, "appear", ("red", "circle", "still"), ("green", "square", "still"))
+    green_pixels = colour_mask(frames, "green").sum(axis=(1, 2))
+    red_pixels = colour_mask(frames, "red").sum(axis=(1, 2))
+    half = FRAMES // 2
+    assert (green_pixels[:half] == 0).all() and (green_pixels[half:] > 50).all()
+    assert (red_pixels > 50).all()
+
+
+def test_generated_test_videos_move_as_their_answers_say(dataset):
+    out, _ = dataset
+    direction_lines = [r for r in read_jsonl(out / "test.jsonl") if r["category"] == "direction"]
+    for record in direction_lines:
+        colour = record["conversations"][0]["content"].split()[-3]
+        motion = record["conversations"][1]["content"]
+        ys, xs = zip(*(np.nonzero(m) for m in colour_mask(read_frames(out / record["video"]), colour)))
+        dx, dy = xs[-1].mean() - xs[0].mean(), ys[-1].mean() - ys[0].mean()
+        expected = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1), "still": (0, 0)}[motion]
+        assert np.sign(round(dx / 4)) == expected[0] and np.sign(round(dy / 4)) == expected[1], (record["id"], dx, dy)
+
+
+def test_left_and_right_visit_the_same_positions_in_reverse():
+    right = ms.SceneObject("red", "circle", "right", *ms.motion_endpoints("right", 30.0, SIZE), (0, 15), (0, 15))
+    left = ms.SceneObject("red", "circle", "left", *ms.motion_endpoints("left", 30.0, SIZE), (0, 15), (0, 15))
+    path_right = [right.centre_at(f) for f in range(FRAMES)]
+    path_left = [left.centre_at(f) for f in range(FRAMES)]
+    assert path_right == path_left[::-1]
+
+
+BAD_ARGUMENTS = [["--n_videos", "0"], ["--n_videos", "2", "--size", "63"], ["--n_videos", "2", "--frames", "2"]]
+
+
+@pytest.mark.parametrize("bad", BAD_ARGUMENTS)
+def test_bad_arguments_are_rejected(tmp_path, bad):
+    with pytest.raises(SystemExit) as error:
+        ms.parse_args(["--out", str(tmp_path), *bad])
+    assert error.value.code == 2
