@@ -96,7 +96,8 @@ def setup_distributed(device_flag: str):
         device = torch.device("cpu")
         # Processes on one machine share its cores; oversubscription is much slower.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
@@ -117,7 +118,9 @@ def seed_everything(seed: int):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -125,7 +128,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -185,7 +189,7 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
     data_dir = Path(args.media_root) if args.media_root else Path(args.data_path).parent
     cache = open_cache(data_dir, cfg, args.feature_dir)
     common = dict(chat=chat, num_frames=cfg.num_frames, max_len=args.max_len,
-                  media_root=args.media_root, cache=cache, strict=args.strict)
+                  media_root=args.media_root, cache=cache)
     train = ConversationDataset(args.data_path, **common)
     if args.val_path:
         val = ConversationDataset(args.val_path, **common)
@@ -210,6 +214,16 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
     elif dim != cfg.clip_dim:
         raise TrainingError(f"the checkpoint expects {cfg.clip_dim}-d CLIP features, the encoder/cache gives {dim}")
     return train, val, encoder
+
+
+def fit_feature_stats(model, dataset, encoder, seed, max_items=256):
+    """Measure the CLIP feature statistics VideoSummary standardises with, on a seeded sample."""
+    order = np.random.default_rng(seed).permutation(len(dataset))[:max_items]
+    media = [m for i in order for m in dataset[int(i)].get("media", [])]
+    if not media:
+        return
+    frames, mask = frames_and_mask(media, encoder)
+    model.summary.input_norm.fit(frames[mask])
 
 
 class ResumableSampler(DistributedSampler):
@@ -260,9 +274,12 @@ class Trainer:
         chat = ChatEncoder(self.tokenizer, vis_cfg.num_visual_tokens)
         self.train_set, self.val_set, self.encoder = make_datasets(
             args, vis_cfg, chat, self.device, self.rank, fresh=weight_path is None)
+        torch.manual_seed(args.seed)
         model = VideoLLM(lm_cfg, vis_cfg)
         if weight_path:
             load_weights(model, weight_path)
+        else:
+            fit_feature_stats(model, self.train_set, self.encoder, args.seed)
         default_parts = "summary,projector" if (stage == "pretrain" and args.from_weight) else ",".join(PARTS)
         self.parts = (args.train_parts or default_parts).split(",")
         set_trainable(model, self.parts)
@@ -336,6 +353,8 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             self.sampler.skip = self.batches_in_epoch * self.args.batch_size
             for batch in self.loader:
+                if self.args.strict and batch["errors"]:   # raised here, not in a loader worker
+                    raise TrainingError(batch["errors"][0])
                 self.batches_in_epoch += 1
                 yield batch
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0

@@ -74,7 +74,11 @@ class FeatureWriter:
     def flush(self):
         if not self.pending:
             return
-        name = f"shard_{len(set(self.index.values())):05d}.safetensors"
+        taken = {p.name for p in self.folder.glob("shard_*.safetensors")} | set(self.index.values())
+        number = len(taken)
+        while f"shard_{number:05d}.safetensors" in taken:
+            number += 1
+        name = f"shard_{number:05d}.safetensors"
         atomic_write(self.folder / name, lambda tmp: save_file(self.pending, tmp))
         self.index.update({k: name for k in self.pending})
         # The manifest is written after its shard, so it never names a shard that is not there.

@@ -1,4 +1,6 @@
 """Media → frames: decord uniform sampling for videos, PIL for images (an image is a 1-frame video)."""
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,20 @@ def uniform_indices(total: int, num: int) -> np.ndarray:
     return ((np.arange(num) + 0.5) * total / num).astype(np.int64).clip(0, total - 1)
 
 
+@contextmanager
+def native_stderr_silenced():
+    """decord/ffmpeg print their own lines for a corrupt file straight to fd 2; our MediaError says it once."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def read_video(path, num_frames: int) -> np.ndarray:
     """uint8 (num_frames, H, W, 3) sampled uniformly over the whole clip."""
     path = str(path)
@@ -24,7 +40,8 @@ def read_video(path, num_frames: int) -> np.ndarray:
         raise MediaError(f"{path}: video file not found")
     try:
         import decord
-        reader = decord.VideoReader(path, num_threads=1)
+        with native_stderr_silenced():
+            reader = decord.VideoReader(path, num_threads=1)
         total = len(reader)
         if total == 0:
             raise MediaError(f"{path}: video has no frames")

@@ -131,7 +131,8 @@ def collate(items, pad_id: int, left_pad=False):
             warn(item["error"])
         else:
             good.append(item)
-    batch = {"skipped": len(items) - len(good), "size": len(good)}
+    batch = {"skipped": len(items) - len(good), "size": len(good),
+             "errors": [item["error"] for item in items if "error" in item]}
     if not good:
         return batch
     width = max(len(it["input_ids"]) for it in good)

@@ -6,6 +6,29 @@ from model.config import VisionConfig
 from model.lm import Block, RMSNorm
 
 
+class FeatureStandardiser(nn.Module):
+    """Per-dimension (x - mean) / std with statistics measured on the training media.
+
+    Frozen CLIP features share a large constant component (random towers especially: the
+    sample-to-sample spread is ~10% of the magnitude), which LayerNorm cannot remove.
+    The statistics are buffers, so they travel with the checkpoint.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, frames: torch.Tensor):
+        """frames: (M, d) valid frame features."""
+        self.mean.copy_(frames.mean(0))
+        self.std.copy_(frames.std(0).clamp(min=1e-6))
+
+    def forward(self, x):
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
 class TemporalSummary(nn.Module):
     """K learned queries and the T frames (plus learned temporal position embeddings) pass through
     a small bidirectional transformer; the queries' outputs are the visual tokens."""
@@ -13,7 +36,7 @@ class TemporalSummary(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         d = cfg.summary_dim
-        self.input_norm = nn.LayerNorm(cfg.clip_dim)   # CLIP features arrive at arbitrary scale
+        self.input_norm = FeatureStandardiser(cfg.clip_dim)
         self.input_proj = nn.Linear(cfg.clip_dim, d)
         self.time_embed = nn.Parameter(torch.randn(cfg.num_frames, d) * 0.02)
         self.queries = nn.Parameter(torch.randn(cfg.num_visual_tokens, d) * 0.02)
@@ -42,7 +65,7 @@ class MeanSummary(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.input_norm = nn.LayerNorm(cfg.clip_dim)
+        self.input_norm = FeatureStandardiser(cfg.clip_dim)
         self.input_proj = nn.Linear(cfg.clip_dim, cfg.summary_dim)
         self.slots = nn.Parameter(torch.randn(cfg.num_visual_tokens, cfg.summary_dim) * 0.02)
         self.norm = RMSNorm(cfg.summary_dim, 1e-5)

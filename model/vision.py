@@ -39,14 +39,22 @@ def create_clip(model_name: str, image_size: int = 0, pretrained_tag: str = ""):
     return model, preprocess
 
 
-def save_random_tower(model_name: str, image_size: int, seed: int, out_path: str):
-    """Write a seeded random-init image tower as a weights file, marked random in its metadata."""
+def save_random_tower(model_name: str, image_size: int, seed: int, out_path: str, pos_std: float = 0.5):
+    """Write a seeded random-init image tower as a weights file, marked random in its metadata.
+
+    open_clip's own init, except the positional embedding: open_clip draws it at std
+    width**-0.5 (~0.05), about 20x below the patch embeddings, which makes a random tower's CLS
+    nearly blind to *where* things are. Trained ViTs carry strong position signal, so the
+    stand-in redraws it at `pos_std` (a linear probe then reads position from CLS).
+    """
     from safetensors.torch import save_file
     torch.manual_seed(seed)
     model, _ = create_clip(model_name, image_size)
+    with torch.no_grad():
+        model.visual.positional_embedding.normal_(0.0, pos_std)
     state = {f"visual.{k}": v.contiguous() for k, v in model.visual.state_dict().items()}
     meta = {"random_init": "true", "seed": str(seed), "clip_model": model_name,
-            "image_size": str(image_size)}
+            "image_size": str(image_size), "positional_embedding_std": str(pos_std)}
     tmp = f"{out_path}.tmp"
     save_file(state, tmp, metadata=meta)
     os.replace(tmp, out_path)

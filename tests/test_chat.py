@@ -1,0 +1,113 @@
+"""ChatEncoder: assistant-only labels, multi-turn layout, chat-template parity, literal special tokens."""
+import pytest
+
+from model.chat import IGNORE, BadSample, ChatEncoder
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer):
+    return ChatEncoder(tokenizer, K)
+
+
+def conversation(*texts):
+    return [{"role": ("user", "assistant")[i % 2], "content": t} for i, t in enumerate(texts)]
+
+
+def labelled_spans(labels):
+    """Runs of consecutive non-ignored labels."""
+    spans, current = [], []
+    for label in labels:
+        if label == IGNORE:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            current.append(label)
+    return spans + ([current] if current else [])
+
+
+def collapse_slots(ids, chat, kinds):
+    """Decode ids with each run of K vision_pad ids turned back into its <video>/<image> marker."""
+    out, i, kinds = [], 0, iter(kinds)
+    while i < len(ids):
+        if ids[i] == chat.vision_pad:
+            assert ids[i:i + K] == [chat.vision_pad] * K
+            out.append(f"<{next(kinds)}>")
+            i += K
+        else:
+            j = i
+            while j < len(ids) and ids[j] != chat.vision_pad:
+                j += 1
+            out.append(chat.tok.decode(ids[i:j]))
+            i = j
+    return "".join(out)
+
+
+def test_labels_cover_only_each_answer_and_its_im_end(chat):
+    conv = conversation("<video>\nWhat colour is it?", "red", "Which way?", "left")
+    ids, labels, kinds = chat.encode(conv)
+    assert len(ids) == len(labels) and kinds == ["video"]
+    spans = labelled_spans(labels)
+    assert [chat.tok.decode(s) for s in spans] == ["red<|im_end|>", "left<|im_end|>"]
+    for i, label in enumerate(labels):
+        assert label in (IGNORE, ids[i])
+
+
+def test_multi_turn_ids_decode_to_the_tokenizers_chat_template(chat, tokenizer):
+    conv = conversation("<video>\nDescribe the video.", "A red circle moves left.",
+                        "How many shapes?", "one", "And <image> here?", "two")
+    ids, _, kinds = chat.encode(conv)
+    assert kinds == ["video", "image"]
+    assert ids.count(chat.vision_pad) == 2 * K
+    assert collapse_slots(ids, chat, kinds) == tokenizer.apply_chat_template(conv, tokenize=False)
+
+
+def test_generation_prompt_matches_the_template_too(chat, tokenizer):
+    conv = conversation("<image>\nWhat shape?")
+    ids, labels, _ = chat.encode(conv, add_generation_prompt=True)
+    assert set(labels) == {IGNORE}
+    expected = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    assert collapse_slots(ids, chat, ["image"]) == expected
+
+
+def test_system_turn_is_never_labelled(chat):
+    conv = [{"role": "system", "content": "Be brief."}, *conversation("hi", "yes")]
+    _, labels, _ = chat.encode(conv)
+    assert [chat.tok.decode(s) for s in labelled_spans(labels)] == ["yes<|im_end|>"]
+
+
+@pytest.mark.parametrize("literal", ["<|im_start|>", "<|vision_pad|>", "<video>", "<|im_end|>", "<|endoftext|>"])
+def test_special_text_in_an_answer_stays_plain_text(chat, literal):
+    ids, labels, kinds = chat.encode(conversation("<video>\nSay it.", f"a {literal} b"))
+    controls = {chat.im_start, chat.im_end, chat.vision_pad, chat.pad_id}
+    # Only the markup's own control ids: one im_start/im_end per turn, K slots for the one marker.
+    assert ids.count(chat.vision_pad) == K and ids.count(chat.im_start) == 2
+    assert ids.count(chat.im_end) == 2 and chat.pad_id not in ids
+    answer = labelled_spans(labels)[0]
+    assert not set(answer[:-1]) & controls
+    assert chat.tok.decode(answer) == f"a {literal} b<|im_end|>"
+    assert kinds == ["video"]
+
+
+@pytest.mark.parametrize("literal", ["<|vision_pad|>", "<|im_start|>", "<|im_end|>"])
+def test_special_text_in_user_text_creates_no_slot_or_control(chat, literal):
+    with_literal, _, kinds = chat.encode(conversation(f"<video>\nwhat is {literal}?", "x"))
+    assert kinds == ["video"]
+    assert with_literal.count(chat.vision_pad) == K
+    assert with_literal.count(chat.im_start) == 2 and with_literal.count(chat.im_end) == 2
+
+
+@pytest.mark.parametrize("roles", [["assistant", "user"], ["user", "user"], ["user", "assistant", "assistant"],
+                                   ["user", "system"]])
+def test_wrong_role_order_is_a_bad_sample(chat, roles):
+    conv = [{"role": r, "content": "hi"} for r in roles]
+    with pytest.raises(BadSample, match="turn"):
+        chat.encode(conv)
+
+
+@pytest.mark.parametrize("conv", [[], "not a list", [{"role": "user", "content": 3}], [["user", "hi"]]])
+def test_malformed_conversations_are_bad_samples(chat, conv):
+    with pytest.raises(BadSample):
+        chat.encode(conv)

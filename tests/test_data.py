@@ -1,0 +1,214 @@
+"""Data path: bad samples become errors (or raise with strict), collate, feature cache, frame sampling, media errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dataset.features import FeatureCache, FeatureWriter, open_cache, cache_folder
+from dataset.media import MediaError, read_image, read_video, uniform_indices
+from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
+from model.chat import IGNORE, BadSample, ChatEncoder
+
+VIDEO = "videos/v00000.mp4"
+OTHER_VIDEO = "videos/v00001.mp4"
+
+
+@pytest.fixture(scope="module")
+def chat(tokenizer):
+    return ChatEncoder(tokenizer, 2)
+
+
+def record(media=VIDEO, question="<video>\nWhat colour?", answer="red", kind="video"):
+    return {"id": "x", kind: media, "category": "colour",
+            "conversations": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def make_dataset(path, chat, synthetic, frame_encoder=None, **kw):
+    kw.setdefault("max_len", 128)
+    return ConversationDataset(path, chat, num_frames=4, media_root=synthetic,
+                               preprocess=frame_encoder.pixels if frame_encoder else None, **kw)
+
+
+BAD_LINES = {
+    "missing media": (record(media="videos/nope.mp4"), "videos/nope.mp4"),
+    "too many markers": (record(question="<video> and <video>"), "marker"),
+    "no marker": (record(question="What colour?"), "marker"),
+    "malformed json": ('{"id": "x", "conversations": [', "malformed JSON"),
+    "not an object": ("[1, 2]", "not a JSON object"),
+    "too long": (record(answer="red " * 200), "max_len"),
+    "no assistant answer": ({"id": "x", "conversations": [{"role": "user", "content": "hi"}]}, "assistant"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_sample_comes_back_as_an_error_naming_the_file(tmp_path, chat, synthetic, frame_encoder, case):
+    line, detail = BAD_LINES[case]
+    path = write_jsonl(tmp_path / "data.jsonl", [record(), line])
+    data = make_dataset(path, chat, synthetic, frame_encoder)
+    assert "error" not in data[0]
+    error = data[1]["error"]
+    assert error.startswith(f"{path}:2: ") and detail in error and "\n" not in error
+
+
+@pytest.mark.parametrize("case", ["missing media", "malformed json", "too long"])
+def test_strict_raises_instead(tmp_path, chat, synthetic, frame_encoder, case):
+    path = write_jsonl(tmp_path / "data.jsonl", [BAD_LINES[case][0]])
+    data = make_dataset(path, chat, synthetic, frame_encoder, strict=True)
+    with pytest.raises(BadSample, match=str(path)):
+        data[0]
+
+
+def test_collate_drops_bad_items_and_counts_them(tmp_path, chat, synthetic, frame_encoder, capsys):
+    path = write_jsonl(tmp_path / "data.jsonl", [record(), record(media="videos/nope.mp4"), record(OTHER_VIDEO)])
+    data = make_dataset(path, chat, synthetic, frame_encoder)
+    batch = collate([data[i] for i in range(3)], pad_id=chat.pad_id)
+    assert batch["skipped"] == 1 and batch["size"] == 2
+    assert batch["input_ids"].shape[0] == 2 and len(batch["media"]) == 2
+    assert "nope.mp4" in capsys.readouterr().err
+    empty = collate([data[1]], pad_id=chat.pad_id)
+    assert empty["skipped"] == 1 and empty["size"] == 0 and "input_ids" not in empty
+
+
+def fake_item(n, label_from=0):
+    ids = torch.arange(10, 10 + n)
+    labels = torch.where(torch.arange(n) >= label_from, ids, torch.full_like(ids, IGNORE))
+    return {"input_ids": ids, "labels": labels, "media": [], "id": str(n), "category": "", "subset": ""}
+
+
+def test_right_padding_for_training():
+    batch = collate([fake_item(3), fake_item(5, label_from=2)], pad_id=0)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 0, 0], [10, 11, 12, 13, 14]]
+    assert batch["labels"].tolist() == [[10, 11, 12, IGNORE, IGNORE], [IGNORE, IGNORE, 12, 13, 14]]
+    assert batch["attention_mask"].tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+
+
+def test_left_padding_for_generation():
+    batch = collate([fake_item(3), fake_item(5)], pad_id=0, left_pad=True)
+    assert batch["input_ids"].tolist() == [[0, 0, 10, 11, 12], [10, 11, 12, 13, 14]]
+    assert batch["attention_mask"].tolist() == [[False] * 2 + [True] * 3, [True] * 5]
+    assert batch["labels"][0, :2].tolist() == [IGNORE, IGNORE]
+    assert batch["id"] == ["3", "5"]
+
+
+def test_for_generation_ends_with_the_assistant_prompt_and_keeps_the_reference(tmp_path, chat, synthetic,
+                                                                               frame_encoder):
+    path = write_jsonl(tmp_path / "data.jsonl", [record(answer="red")])
+    item = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)[0]
+    assert item["reference"] == "red"
+    assert chat.tok.decode(item["input_ids"]).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert "red" not in chat.tok.decode(item["input_ids"])
+
+
+def test_feature_writer_and_cache_round_trip_in_fp16_shards(tmp_path):
+    torch.manual_seed(0)
+    feats = {f"videos/{i}.mp4": torch.randn(4, 8) for i in range(5)}
+    writer = FeatureWriter(tmp_path, shard_size=2)
+    for key, f in feats.items():
+        writer.add(key, f)
+    writer.flush()
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(manifest) == set(feats)
+    assert len(set(manifest.values())) == 3 == len(list(tmp_path.glob("shard_*.safetensors")))
+    cache = FeatureCache(tmp_path)
+    assert len(cache) == 5 and "videos/0.mp4" in cache and cache.get("videos/none.mp4") is None
+    for key, f in feats.items():
+        got = cache.get(key)
+        assert got.dtype == torch.float16 and torch.equal(got, f.half())
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
+
+
+def test_a_second_writer_adds_to_an_existing_cache(tmp_path):
+    first = FeatureWriter(tmp_path, shard_size=2)
+    first.add("a", torch.zeros(1, 2))
+    first.flush()
+    second = FeatureWriter(tmp_path, shard_size=2)
+    second.add("b", torch.ones(1, 2))
+    second.flush()
+    cache = FeatureCache(tmp_path)
+    assert cache.get("a").sum() == 0 and cache.get("b").sum() == 2
+
+
+def test_rewriting_a_key_keeps_every_key_readable(tmp_path):
+    # Shard names come from the number of shards the manifest still names; once a re-added key
+    # orphans a shard, the next flush reuses a live shard's name and overwrites its tensors.
+    writer = FeatureWriter(tmp_path, shard_size=2)
+    for value in (1.0, 2.0):
+        writer.add("a", torch.full((1, 2), value))
+        writer.add("b", torch.full((1, 2), value))
+    writer.add("c", torch.full((1, 2), 3.0))
+    writer.flush()
+    cache = FeatureCache(tmp_path)
+    assert [float(cache.get(k)[0, 0]) for k in "abc"] == [2.0, 2.0, 3.0]
+
+
+def test_dataset_uses_cached_features_and_pixels_for_the_rest(tmp_path, chat, synthetic, frame_encoder,
+                                                              vision_cfg):
+    from model.vision import encoder_cache_tag
+    online = frame_encoder.encode(read_video(synthetic / VIDEO, 4))
+    folder = cache_folder(tmp_path, encoder_cache_tag(vision_cfg), 4)
+    writer = FeatureWriter(folder)
+    writer.add(VIDEO, online)
+    writer.flush()
+    cache = open_cache(tmp_path, vision_cfg)
+    assert cache is not None and VIDEO in cache
+
+    path = write_jsonl(tmp_path / "data.jsonl", [record(VIDEO), record(OTHER_VIDEO)])
+    data = make_dataset(path, chat, synthetic, frame_encoder, cache=cache)
+    assert data.uncached() == {OTHER_VIDEO}
+    (kind0, x0), = data[0]["media"]
+    (kind1, x1), = data[1]["media"]
+    assert kind0 == "features" and x0.dtype == torch.float16 and x0.shape == online.shape
+    assert kind1 == "pixels" and x1.shape == (4, 3, 32, 32)
+    frames, mask = frames_and_mask([(kind0, x0)], frame_encoder)
+    torch.testing.assert_close(frames[0], online, atol=2e-3, rtol=2e-3)
+
+
+def test_uncached_media_without_an_encoder_is_a_bad_sample(tmp_path, chat, synthetic):
+    path = write_jsonl(tmp_path / "data.jsonl", [record()])
+    assert "not in the feature cache" in make_dataset(path, chat, synthetic)[0]["error"]
+
+
+def test_images_are_one_frame_and_videos_num_frames(tmp_path, chat, synthetic, frame_encoder):
+    image = sorted((synthetic / "images").iterdir())[0].relative_to(synthetic).as_posix()
+    path = write_jsonl(tmp_path / "data.jsonl", [
+        {"id": "y", "image": [image], "video": VIDEO, "conversations": [
+            {"role": "user", "content": "<video> then <image>"}, {"role": "assistant", "content": "ok"}]}])
+    media = make_dataset(path, chat, synthetic, frame_encoder)[0]["media"]
+    assert [x.shape[0] for _, x in media] == [4, 1]   # marker order, not key order
+    assert read_image(synthetic / image).shape[0] == 1
+
+
+def test_uniform_indices_take_segment_centres():
+    assert uniform_indices(16, 8).tolist() == [1, 3, 5, 7, 9, 11, 13, 15]
+    assert uniform_indices(10, 1).tolist() == [5]
+
+
+def test_uniform_indices_repeat_frames_of_a_short_clip_within_range():
+    idx = uniform_indices(3, 8)
+    assert len(idx) == 8 and idx.min() >= 0 and idx.max() <= 2
+    assert sorted(set(idx.tolist())) == [0, 1, 2] and list(idx) == sorted(idx)
+
+
+def test_read_video_samples_the_requested_frame_count(synthetic):
+    frames = read_video(synthetic / VIDEO, 5)
+    assert frames.shape == (5, 64, 64, 3) and frames.dtype == np.uint8
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a video\n" * 10])
+def test_unreadable_video_raises_media_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(content)
+    with pytest.raises(MediaError) as error:
+        read_video(path, 4)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_image_raises_media_error_naming_the_file(tmp_path):
+    with pytest.raises(MediaError, match="nope.png"):
+        read_image(tmp_path / "nope.png")
