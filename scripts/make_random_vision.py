@@ -12,7 +12,6 @@ def main():
     p.add_argument("--clip_model", default="ViT-S-32", help="open_clip architecture (or a json in model/vision_model/)")
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pos_std", type=float, default=0.5, help="std of the redrawn positional embedding (see model/vision.py)")
     p.add_argument("--out", default=None, help="default: model/vision_model/<model>-<size>-random-seed<seed>.safetensors")
     args = p.parse_args()
     out = args.out or str(VISION_DIR / f"{args.clip_model}-{args.image_size}-random-seed{args.seed}.safetensors")
@@ -20,7 +19,7 @@ def main():
         print(f"{out} exists; keeping it")
         return
     try:
-        save_random_tower(args.clip_model, args.image_size, args.seed, out, args.pos_std)
+        save_random_tower(args.clip_model, args.image_size, args.seed, out)
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(f"random {args.clip_model} tower (seed {args.seed}, {args.image_size}px) → {out}")

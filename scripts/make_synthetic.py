@@ -393,7 +393,9 @@ def build_splits(seed, train, test, images):
         path = video_path(scene)
         caption = next(qa for qa in qa_list if qa[0] == "caption")
         pretrain.append(sample(f"{scene.name}-cap", "video", path, "<video>", [caption], "caption"))
-        chosen = random_multi_turn(rng, qa_list, 2, 4)
+        # Every question about the video, in random order: the rarer temporal questions
+        # (direction, order) then get as much supervision as the easy ones.
+        chosen = random_multi_turn(rng, qa_list, len(qa_list), len(qa_list))
         sft_video.append(sample(f"{scene.name}-multi", "video", path, "<video>", chosen, "multi"))
         single = pick(rng, qa_list)
         sft_video.append(sample(f"{scene.name}-qa", "video", path, "<video>", [single], single[0]))

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# The whole offline pipeline on a CPU (2 cores, no internet), from a clean checkout:
+#   synthetic data → tokenizer → seeded RANDOM open_clip tower → cached CLIP features →
+#   pretrain → image SFT → video SFT → eval, then the same three stages with the `mean`
+#   VideoSummary (ablation) → eval → out/report.md, out/metrics.json (+ two PNGs).
+# Step times and peak memory go to out/demo_times.json, the settings to out/demo_settings.json.
+#
+#   bash scripts/demo.sh
+#   N_VIDEOS=60 PRE_EPOCHS=1 IMG_EPOCHS=1 VID_EPOCHS=1 DIM=64 LAYERS=2 bash scripts/demo.sh   # smoke run
+set -euo pipefail
+
+# ============================ settings (env-overridable) =============================
+# --- data
+N_VIDEOS=${N_VIDEOS:-1000}      # training videos (as many images); test videos: max(60, N_VIDEOS/5)
+SEED=${SEED:-0}                 # dataset seed
+VOCAB=${VOCAB:-1024}            # BPE tokenizer size = LM vocab_size
+# --- frozen vision encoder (random, seeded) and the visual path
+CLIP_MODEL=${CLIP_MODEL:-ViT-S-32}
+CLIP_SIZE=${CLIP_SIZE:-128}
+VISION_SEED=${VISION_SEED:-0}
+FRAMES=${FRAMES:-8}             # frames sampled per video
+K=${K:-8}                       # visual tokens per image/video
+SUMMARY_DIM=${SUMMARY_DIM:-128}
+# --- language model
+DIM=${DIM:-128}
+LAYERS=${LAYERS:-4}
+HEADS=${HEADS:-4}
+KV=${KV:-2}
+# --- training
+BS=${BS:-32}
+PRE_EPOCHS=${PRE_EPOCHS:-4}
+IMG_EPOCHS=${IMG_EPOCHS:-2}
+VID_EPOCHS=${VID_EPOCHS:-6}
+PRE_LR=${PRE_LR:-2e-3}
+SFT_LR=${SFT_LR:-2e-3}
+TRAIN_SEED=${TRAIN_SEED:-42}
+VAL_EVERY=${VAL_EVERY:-50}
+EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}  # appended to every training command, e.g. "--warmup_steps 50"
+# --- switches
+ABLATION=${ABLATION:-1}         # 0: skip the mean-summary ablation
+FRESH_DATA=${FRESH_DATA:-1}     # 0: keep dataset/synthetic (and its feature cache) if meta.json has the same seed and N_VIDEOS
+# =====================================================================================
+SETTINGS=(N_VIDEOS SEED VOCAB CLIP_MODEL CLIP_SIZE VISION_SEED FRAMES K SUMMARY_DIM DIM LAYERS HEADS KV
+          BS PRE_EPOCHS IMG_EPOCHS VID_EPOCHS PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATION)
+
+cd "$(dirname "$0")/.."
+# Spinning OpenMP threads stall whenever the other core is busy (a 2-core box); sleeping ones do not.
+export OMP_WAIT_POLICY=PASSIVE
+export PYTHONUNBUFFERED=1
+
+DATA=dataset/synthetic
+VISION="model/vision_model/${CLIP_MODEL}-${CLIP_SIZE}-random-seed${VISION_SEED}.safetensors"
+mkdir -p out
+STEPS_TSV=out/.demo_steps.tsv          # name, seconds, peak RSS kB (one line per finished step)
+: > "$STEPS_TSV"
+START=$(date +%s.%N)
+
+# /usr/bin/time -v gives each step's peak resident memory (package `time`); optional.
+if [ -x /usr/bin/time ] && /usr/bin/time -v -o /dev/null true 2>/dev/null; then
+  TIMER=(/usr/bin/time -v -o out/.demo_step.time)
+else
+  TIMER=()
+  echo "note: /usr/bin/time not found (apt package 'time'): peak memory is not recorded" >&2
+fi
+
+write_times() {   # out/demo_times.json {step: seconds, "total", "peak_rss_gb"}; out/demo_rss.json {step: GB}
+  python - "$STEPS_TSV" "$START" "$(date +%s.%N)" <<'PY'
+import json, sys
+rows = [line.split("\t") for line in open(sys.argv[1]).read().splitlines() if line]
+times = {name: round(float(sec), 2) for name, sec, _ in rows}
+times["total"] = round(float(sys.argv[3]) - float(sys.argv[2]), 2)
+rss = {name: round(int(kb) / 1024 ** 2, 3) for name, _, kb in rows if kb.strip()}
+if rss:
+    times["peak_rss_gb"] = max(rss.values())
+open("out/demo_times.json", "w").write(json.dumps(times, indent=1) + "\n")
+open("out/demo_rss.json", "w").write(json.dumps(rss, indent=1) + "\n")
+PY
+}
+
+step() {   # step NAME COMMAND...: run it, time it, record seconds and peak RSS
+  local name=$1; shift
+  echo "==> [$name] $*"
+  local t0 t1 kb=""
+  t0=$(date +%s.%N)
+  ${TIMER[@]+"${TIMER[@]}"} "$@"
+  t1=$(date +%s.%N)
+  if [ ${#TIMER[@]} -gt 0 ]; then
+    kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' out/.demo_step.time)
+  fi
+  printf '%s\t%s\t%s\n' "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')" "$kb" >> "$STEPS_TSV"
+  write_times
+  echo "    [$name] $(tail -n 1 "$STEPS_TSV" | cut -f2) s"
+}
+
+pairs=(); for v in "${SETTINGS[@]}"; do pairs+=("$v=${!v}"); done
+python -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.argv[1:]), indent=1))' \
+  "${pairs[@]}" > out/demo_settings.json
+
+# 1. data (a dataset made with other settings is removed, feature cache included)
+if [ "$FRESH_DATA" = 0 ] && python - "$DATA/meta.json" "$SEED" "$N_VIDEOS" <<'PY'
+import json, sys
+try:
+    meta = json.load(open(sys.argv[1]))
+    sys.exit(0 if (meta["seed"], meta["counts"]["train_videos"]) == (int(sys.argv[2]), int(sys.argv[3])) else 1)
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+PY
+then
+  echo "==> [data] keeping $DATA (same seed and N_VIDEOS; FRESH_DATA=0)"
+else
+  rm -rf "$DATA"
+  step data python scripts/make_synthetic.py --out "$DATA" --n_videos "$N_VIDEOS" --seed "$SEED"
+fi
+
+# 2. tokenizer
+step tokenizer python scripts/train_tokenizer.py --out model/tokenizer --vocab_size "$VOCAB" \
+  --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl"
+
+# 3. vision weights (kept if the file exists)
+step vision python scripts/make_random_vision.py --clip_model "$CLIP_MODEL" --image_size "$CLIP_SIZE" \
+  --seed "$VISION_SEED" --out "$VISION"
+
+# 4. CLIP features of every frame of every media item, cached once for all stages and eval
+step features python scripts/extract_features.py \
+  --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl" "$DATA/test.jsonl" \
+  --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE" --clip_pretrained "$VISION" --num_frames "$FRAMES"
+
+# 5-7. three stages + eval, for a VideoSummary variant: temporal (the model) or mean (ablation)
+COMMON=(--no_progress --val_every "$VAL_EVERY" --batch_size "$BS" --seed "$TRAIN_SEED" --clip_pretrained "$VISION")
+ARCH=(--hidden_size "$DIM" --num_layers "$LAYERS" --num_heads "$HEADS" --num_kv_heads "$KV" --vocab_size "$VOCAB"
+      --num_frames "$FRAMES" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM"
+      --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE")
+# shellcheck disable=SC2206
+EXTRA=($EXTRA_TRAIN_ARGS)
+
+pipeline() {   # pipeline SUMMARY SUFFIX: SUFFIX ("" or "_mean") names the checkpoints and steps
+  local summary=$1 sfx=$2
+  step "pretrain$sfx" python train_pretrain.py --data_path "$DATA/pretrain.jsonl" "${ARCH[@]}" --summary "$summary" \
+    --epochs "$PRE_EPOCHS" --learning_rate "$PRE_LR" --save_name "pretrain_vlm_${DIM}${sfx}" "${COMMON[@]}" \
+    ${EXTRA[@]+"${EXTRA[@]}"}
+  step "sft_image$sfx" python train_sft.py --stage image --data_path "$DATA/sft_image.jsonl" \
+    --from_weight "pretrain_vlm_${DIM}${sfx}" --epochs "$IMG_EPOCHS" --learning_rate "$SFT_LR" \
+    --save_name "sft_image_${DIM}${sfx}" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  step "sft_video$sfx" python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" \
+    --from_weight "sft_image_${DIM}${sfx}" --epochs "$VID_EPOCHS" --learning_rate "$SFT_LR" \
+    --save_name "sft_video_${DIM}${sfx}" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  step "eval$sfx" python eval.py --weight "sft_video_${DIM}${sfx}" --data_path "$DATA/test.jsonl" \
+    --out "out/preds_${summary}.jsonl" --metrics_out "out/metrics_${summary}.json"
+}
+
+pipeline temporal ""
+if [ "$ABLATION" = 1 ]; then
+  pipeline mean _mean
+else
+  rm -f out/preds_mean.jsonl out/metrics_mean.json   # never report a stale ablation
+fi
+
+# 8. the report card (its own time is in demo_times.json, not in the report it writes)
+step report python scripts/report.py --out_dir out --data "$DATA" --weight "out/sft_video_${DIM}.safetensors"
+rm -f out/.demo_step.time
+
+python - <<'PY'
+import json
+t, m = json.load(open("out/demo_times.json")), json.load(open("out/metrics.json"))
+mean = (m.get("ablation_mean") or {}).get("accuracy")
+print(f"demo done in {t['total']:.0f} s: accuracy {m['accuracy']:.3f} (temporal questions "
+      f"{m['temporal_accuracy']:.3f})" + (f", mean-summary ablation {mean:.3f}" if mean is not None else "")
+      + (f"; peak memory {t['peak_rss_gb']:.2f} GB" if "peak_rss_gb" in t else "") + "; report: out/report.md")
+PY

@@ -1,0 +1,411 @@
+"""The demo's report card: out/report.md, out/metrics.json, out/loss_curves.png, out/test_grid.png.
+
+Reads what scripts/demo.sh leaves in --out_dir (eval metrics and predictions, step times, training
+logs, the final checkpoint's metadata) and --data (meta.json, test.jsonl, the test videos).
+The mean-summary ablation files are optional: without them that column is left out.
+"""
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TEMPORAL_CATEGORIES = ["direction", "order"]
+CATEGORY_ORDER = ["colour", "shape", "count", "direction", "order", "caption"]
+GRID_VIDEOS, GRID_FRAMES = 8, 4
+GRID_PREFERENCE = ["order", "direction", "count", "colour", "shape", "caption"]   # the question shown
+
+
+# ---------------------------------------------------------------- reading
+
+def read_json(path, default=None):
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def read_jsonl(path):
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def find_checkpoint(out_dir: Path, weight=None) -> Path | None:
+    """--weight, else the newest out/sft_video_<dim>.safetensors (the temporal model, not _mean)."""
+    if weight:
+        return Path(weight)
+    found = [p for p in out_dir.glob("sft_video_*.safetensors") if re.fullmatch(r"sft_video_\d+", p.stem)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def checkpoint_info(path: Path | None) -> dict:
+    """lm / vision config, stage, step and stored weight counts per part from the safetensors file."""
+    if path is None or not path.is_file():
+        return {}
+    from safetensors import safe_open
+    from model.checkpoint import read_metadata
+    meta = read_metadata(path)
+    counts = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            part = key.split(".")[0]
+            counts[part] = counts.get(part, 0) + int(np.prod(f.get_slice(key).get_shape()))
+    return {"name": path.stem, "lm": json.loads(meta["lm_config"]), "vision": json.loads(meta["vision_config"]),
+            "stage": meta.get("stage"), "step": meta.get("step"), "counts": counts}
+
+
+def vision_info(vision_cfg: dict) -> dict:
+    """Is the frozen encoder random? (a random-tower file says so in its metadata; no weights at all is random too)."""
+    source = vision_cfg.get("clip_pretrained", "")
+    path = source if Path(source).is_file() else str(ROOT / source)
+    info = {"source": source, "random": not source, "params": None, "seed": None, "positional": None}
+    if Path(path).is_file() and path.endswith(".safetensors"):
+        from safetensors import safe_open
+        from model.vision import weights_are_random
+        info["random"] = weights_are_random(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            info["params"] = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        info["seed"], info["positional"] = meta.get("seed"), positional_note(meta)
+    return info
+
+
+def positional_note(meta: dict):
+    """How the random tower's positional embedding differs from open_clip's init (see model/vision.py)."""
+    kind, std = meta.get("positional_embedding"), meta.get("positional_embedding_std")
+    if kind:
+        what = "a fixed 2D sin-cos table" if kind == "2d-sincos" else f"`{kind}`"
+        return f"its positional embedding replaced by {what}"
+    if std:
+        return f"its positional embedding redrawn at std {std}"
+    return None
+
+
+def temporal_accuracy(preds):
+    rows = [p for p in preds if p.get("category") in TEMPORAL_CATEGORIES]
+    return round(sum(bool(p["correct"]) for p in rows) / len(rows), 4) if rows else None
+
+
+def category_counts(preds):
+    counts = {}
+    for p in preds:
+        counts[p.get("category")] = counts.get(p.get("category"), 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------- metrics.json
+
+def build_metrics(temporal, mean, preds_t, preds_m, times, ckpt, vision):
+    metrics = dict(temporal)
+    metrics["temporal_categories"] = TEMPORAL_CATEGORIES
+    metrics["temporal_accuracy"] = temporal_accuracy(preds_t)
+    metrics["ablation_mean"] = None if mean is None else {
+        "accuracy": mean.get("accuracy"), "by_category": mean.get("by_category", {}),
+        "by_subset": mean.get("by_subset", {}), "temporal_accuracy": temporal_accuracy(preds_m), "n": mean.get("n")}
+    metrics["demo_seconds"] = times.get("total")
+    metrics["peak_rss_gb"] = times.get("peak_rss_gb")
+    metrics["checkpoint"] = ckpt.get("name")
+    metrics["vision_encoder_random"] = vision.get("random")
+    return metrics
+
+
+# ---------------------------------------------------------------- plots
+
+def plot_loss_curves(logs: dict, path: Path):
+    """One panel per stage (the _mean run beside its temporal twin), loss vs step, val_loss as dots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    groups = {}
+    for run in logs:
+        groups.setdefault(run.removesuffix("_mean"), []).append(run)
+    n = max(1, len(groups))
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (group, runs) in zip(axes[0], groups.items()):
+        for i, run in enumerate(sorted(runs)):
+            rows, colour = logs[run], f"C{i}"
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=colour, lw=1, label=run)
+            val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+            if val:
+                ax.plot(*zip(*val), "o", color=colour, ms=4, label=f"{run} val")
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda y, _: f"{y:g}")   # 6.8, not 6.8×10⁰
+        low, high = ax.get_ylim()
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())   # label 2..9 only within a decade
+        ax.set_title(group, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("loss (per token)")
+    if not logs:
+        axes[0][0].text(0.5, 0.5, "no training logs found", ha="center", transform=axes[0][0].transAxes)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pick_grid_rows(preds, records, n=GRID_VIDEOS):
+    """(record, pred) for up to n test videos, half standard / half novel_combo where possible."""
+    by_video = {}
+    for p in preds:
+        rec = records.get(p["id"])
+        if rec and rec.get("video"):
+            by_video.setdefault(rec["video"], []).append(p)
+    chosen = {}
+    for video, rows in sorted(by_video.items()):
+        rank = {c: i for i, c in enumerate(GRID_PREFERENCE)}
+        chosen[video] = min(rows, key=lambda p: rank.get(p.get("category"), len(rank)))
+    queues = {}
+    for video, p in chosen.items():
+        queues.setdefault(p.get("subset") or "", []).append(video)
+    order = []   # round-robin over the subsets, so novel combos show up too
+    while any(queues.values()):
+        for queue in queues.values():
+            if queue:
+                order.append(queue.pop(0))
+    return [(records[chosen[v]["id"]], chosen[v]) for v in order[:n]]
+
+
+def plot_test_grid(rows, data_dir: Path, num_frames: int, path: Path):
+    """Each row: 4 of the model's sampled frames, then question / answer / reference (green right, red wrong)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from dataset.media import MediaError, read_video
+    n_rows = max(1, len(rows))
+    fig, axes = plt.subplots(n_rows, GRID_FRAMES, figsize=(2.1 * GRID_FRAMES, 2.45 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for (record, pred), row in zip(rows, axes):
+        try:
+            frames = read_video(data_dir / record["video"], num_frames)
+            picks = np.unique(np.linspace(0, len(frames) - 1, GRID_FRAMES).round().astype(int))
+            for ax, i in zip(row, picks):
+                ax.imshow(frames[i])
+                ax.set_xlabel(f"frame {i + 1}/{len(frames)}", fontsize=7)
+                ax.axis("on")
+                ax.set_xticks([])
+                ax.set_yticks([])
+        except MediaError as e:
+            row[0].text(0, 0.5, str(e)[:80], fontsize=7)
+        question = record["conversations"][0]["content"].replace("<video>", "").strip()
+        text = (f"{record['id']} [{pred.get('subset') or '-'}]  Q: {question}\n"
+                f"model: {pred['prediction'] or '(empty)'}   |   reference: {pred['reference']}")
+        row[0].set_title(text, loc="left", fontsize=8, color="green" if pred["correct"] else "red")
+    if not rows:
+        axes[0][0].text(0, 0.5, "no predictions to show")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- report.md
+
+def pct(x):
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def human(n):
+    return "–" if n is None else (f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} k")
+
+
+def section_results(temporal, mean, preds_t, preds_m):
+    counts = category_counts(preds_t)
+    cats = sorted(set(temporal.get("by_category", {})) | set((mean or {}).get("by_category", {})),
+                  key=lambda c: (CATEGORY_ORDER.index(c) if c in CATEGORY_ORDER else len(CATEGORY_ORDER), c))
+    header = ["category", "n", "temporal (model)"] + (["mean (ablation)"] if mean else [])
+
+    def row(name, n, t, m):
+        return [name, n, pct(t)] + ([pct(m)] if mean else [])
+    rows = [row(c + (" (temporal)" if c in TEMPORAL_CATEGORIES else ""), counts.get(c, "–"),
+                temporal.get("by_category", {}).get(c), (mean or {}).get("by_category", {}).get(c)) for c in cats]
+    n_temporal = sum(counts.get(c, 0) for c in TEMPORAL_CATEGORIES)
+    rows.append(row("**temporal questions** (" + " + ".join(TEMPORAL_CATEGORIES) + ")", n_temporal or "–",
+                    temporal_accuracy(preds_t), temporal_accuracy(preds_m) if mean else None))
+    rows.append(row("**all**", temporal.get("n", "–"), temporal.get("accuracy"), (mean or {}).get("accuracy")))
+    subsets = sorted(set(temporal.get("by_subset", {})) | set((mean or {}).get("by_subset", {})))
+    subset_rows = [row(s, sum(p.get("subset") == s for p in preds_t) or "–", temporal.get("by_subset", {}).get(s),
+                       (mean or {}).get("by_subset", {}).get(s)) for s in subsets]
+    text = ["## Results (exact match on the test split)", ""]
+    summary = f"Overall accuracy **{pct(temporal.get('accuracy'))}**"
+    if mean:
+        summary += (f" with the temporal VideoSummary vs **{pct(mean.get('accuracy'))}** with the frame-average "
+                    f"(`mean`) ablation; on the temporal questions ({' + '.join(TEMPORAL_CATEGORIES)}) "
+                    f"**{pct(temporal_accuracy(preds_t))}** vs **{pct(temporal_accuracy(preds_m))}**.")
+    else:
+        summary += " (the mean-summary ablation was not run: `ABLATION=0`)."
+    text += [summary, "", "By category:", "", table(header, rows), "", "By subset (`novel_combo`: colour–shape–motion "
+             "triples held out of training; every pair in them was seen):", "",
+             table(["subset"] + header[1:], [[r[0]] + r[1:] for r in subset_rows]), ""]
+    if temporal.get("skipped"):
+        text += [f"Skipped (unreadable) test samples: {temporal['skipped']}.", ""]
+    text += ["![loss curves](loss_curves.png)", "", "Loss per optimizer step (log scale; dots: validation loss): "
+             "[loss_curves.png](loss_curves.png)", "",
+             "![test videos](test_grid.png)", "", "Test videos as the model sees them (4 of its sampled frames), one "
+             "question each, the model's answer and the reference; green = correct, red = wrong: "
+             "[test_grid.png](test_grid.png)", ""]
+    return text
+
+
+def section_model(ckpt, vision):
+    if not ckpt:
+        return ["## Model", "", "(no checkpoint found)", ""]
+    lm, vis, counts = ckpt["lm"], ckpt["vision"], ckpt["counts"]
+    lm_keys = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "rope_theta"]
+    vis_keys = ["clip_model", "clip_image_size", "clip_dim", "num_frames", "summary", "num_visual_tokens",
+                "summary_dim", "summary_layers", "summary_heads"]
+    rows = [[f"LM `{k}`", lm.get(k)] for k in lm_keys] + [[f"vision `{k}`", vis.get(k)] for k in vis_keys]
+    rows.append(["vision `clip_pretrained`", f"`{vis.get('clip_pretrained') or '(none: open_clip random init)'}`"])
+    text = ["## Model", "", f"Checkpoint `{ckpt['name']}.safetensors` (stage {ckpt.get('stage')}, "
+            f"step {ckpt.get('step')}).", "", table(["setting", "value"], rows), ""]
+    parts = [[f"`{part}`", human(n)] for part, n in sorted(counts.items())]
+    parts.append(["**trained, total**", human(sum(counts.values()))])
+    parts.append(["frozen CLIP image tower (not in the checkpoint)", human(vision.get("params"))])
+    text += ["Weights (LM embeddings are tied to the output head and counted once; "
+             "`summary` includes its 2 feature-statistics buffers):", "", table(["part", "weights"], parts), ""]
+    return text
+
+
+def section_data(meta):
+    if not meta:
+        return []
+    c = meta.get("counts", {})
+    return ["## Data", "", f"Synthetic coloured shapes (`scripts/make_synthetic.py`, seed {meta.get('seed')}): "
+            f"{c.get('train_videos')} training videos and {c.get('images')} images "
+            f"({meta.get('size')} px, {meta.get('frames')} frames at {meta.get('fps')} fps); "
+            f"{c.get('test_videos')} test videos ({c.get('novel_combo_test_videos')} with held-out "
+            f"colour–shape–motion combinations) → {c.get('test_samples')} test questions. Samples: "
+            f"pretrain {c.get('pretrain_samples')}, image SFT {c.get('sft_image_samples')}, "
+            f"video SFT {c.get('sft_video_samples')}.", ""]
+
+
+def section_runs(logs, out_dir: Path):
+    rows = []
+    for run, log in logs.items():
+        result = read_json(out_dir / "logs" / f"{run}.metrics.json", {})
+        last = [r["loss"] for r in log[-10:]]
+        tok_s = [r["tok_s"] for r in log if "tok_s" in r]
+        rows.append([f"`{run}`", log[-1]["step"] if log else 0, f"{log[0]['loss']:.3f}" if log else "–",
+                     f"{np.mean(last):.3f}" if last else "–",
+                     f"{result['val_loss']:.3f}" if isinstance(result.get("val_loss"), float) else "–",
+                     f"{np.median(tok_s):.0f}" if tok_s else "–", result.get("skipped", log[-1].get("skipped", 0) if log else 0)])
+    return ["## Training runs", "", table(["run", "steps", "first loss", "final loss (mean of last 10)",
+                                           "final val loss", "tokens/s (median)", "skipped samples"], rows), ""]
+
+
+def section_time(times, rss):
+    steps = [(k, v) for k, v in times.items() if k not in ("total", "peak_rss_gb") and isinstance(v, (int, float))]
+    if not steps:
+        return ["## Time and memory", "", "(no out/demo_times.json)", ""]
+    rows = [[name, f"{sec:.1f}", f"{rss[name]:.2f}" if name in rss else "–"] for name, sec in steps]
+    rows.append(["**total**", f"**{times.get('total', sum(v for _, v in steps)):.1f}**", ""])
+    peak = times.get("peak_rss_gb")
+    return ["## Time and memory", "", "Wall-clock seconds per pipeline step (`scripts/demo.sh`; CPU unless CUDA "
+            "was available), peak resident memory of each step's process tree:", "",
+            table(["step", "seconds", "peak RSS (GB)"], rows), "",
+            f"Total: **{times.get('total', 0) / 60:.1f} min**; peak memory: **{'–' if peak is None else f'{peak:.2f} GB'}**.",
+            ""]
+
+
+def section_reproduce(settings):
+    text = ["## Reproduce", "", "From a clean checkout, offline: `bash scripts/demo.sh`."]
+    if settings:
+        env = " ".join(f"{k}={v!r}" if (not v or " " in v) else f"{k}={v}" for k, v in settings.items())
+        text += ["With exactly the settings of this run:", "", "```bash", f"{env} bash scripts/demo.sh", "```"]
+    return text + [""]
+
+
+def build_report(temporal, mean, preds_t, preds_m, times, rss, ckpt, vision, meta, logs, settings, out_dir):
+    vis = ckpt.get("vision", {}) if ckpt else {}
+    if vision.get("random"):
+        extra = []
+        if vision.get("seed") is not None:
+            extra.append(f"seed {vision['seed']}")
+        if vision.get("positional"):
+            extra.append(f"{vision['positional']} so that its CLS feature keeps where things are, "
+                         f"see `model/vision.py`")
+        encoder = (f"**The vision encoder is a RANDOMLY INITIALISED open_clip `{vis.get('clip_model')}` image tower** "
+                   f"({vis.get('clip_image_size') or 'default'} px" + "".join(f"; {e}" for e in extra) +
+                   "), frozen and never trained: no pretrained CLIP weights are used.")
+    else:
+        encoder = (f"The vision encoder is open_clip `{vis.get('clip_model')}` with pretrained weights "
+                   f"`{vision.get('source')}`, frozen.")
+    data = ("**The data is synthetic** (coloured shapes moving on a flat background), so nothing here is a claim "
+            "about real-world video: the numbers show that the whole pipeline trains end to end, and what the "
+            "temporal VideoSummary buys over a plain frame average on questions about motion and order.") \
+        if meta else "The test data's meta.json was not found."
+    text = ["# Tiny video LLM — demo report card", "",
+            f"Written by `scripts/report.py` on {time.strftime('%Y-%m-%d %H:%M')} from `{out_dir}/`.", "",
+            f"> {encoder}", ">", f"> {data}", ""]
+    text += section_results(temporal, mean, preds_t, preds_m)
+    text += section_model(ckpt, vision)
+    text += section_data(meta)
+    text += section_runs(logs, out_dir)
+    text += section_time(times, rss)
+    text += section_reproduce(settings)
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------- main
+
+def select_logs(out_dir: Path, dim, with_mean: bool) -> dict:
+    """This demo's runs (<stage>_<dim>[_mean]) when the log folder has them, else every log."""
+    paths = sorted((out_dir / "logs").glob("*.jsonl"))
+    if dim is not None:
+        names = [f"{p}_{dim}" for p in ("pretrain_vlm", "sft_image", "sft_video")]
+        names += [f"{n}_mean" for n in names] if with_mean else []
+        mine = [p for p in paths if p.stem in names]
+        paths = sorted(mine, key=lambda p: names.index(p.stem)) if mine else paths
+    return {p.stem: read_jsonl(p) for p in paths}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--data", default="dataset/synthetic", help="the dataset folder (meta.json, test.jsonl, videos/)")
+    p.add_argument("--weight", default=None, help="the temporal model's checkpoint (default: newest out_dir/sft_video_<dim>)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir, data_dir = Path(args.out_dir), Path(args.data)
+    temporal = read_json(out_dir / "metrics_temporal.json")
+    if temporal is None:
+        sys.exit(f"error: {out_dir / 'metrics_temporal.json'}: not found (run eval.py --metrics_out first)")
+    mean = read_json(out_dir / "metrics_mean.json")
+    preds_t, preds_m = read_jsonl(out_dir / "preds_temporal.jsonl"), read_jsonl(out_dir / "preds_mean.jsonl")
+    times, rss = read_json(out_dir / "demo_times.json", {}), read_json(out_dir / "demo_rss.json", {})
+    settings = read_json(out_dir / "demo_settings.json", {})
+    ckpt = checkpoint_info(find_checkpoint(out_dir, args.weight))
+    vision = vision_info(ckpt.get("vision", {})) if ckpt else {"random": None}
+    meta = read_json(data_dir / "meta.json")
+    logs = select_logs(out_dir, ckpt.get("lm", {}).get("hidden_size") if ckpt else None, mean is not None)
+
+    metrics = build_metrics(temporal, mean, preds_t, preds_m, times, ckpt, vision)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    plot_loss_curves(logs, out_dir / "loss_curves.png")
+    records = {r["id"]: r for r in read_jsonl(data_dir / "test.jsonl")}
+    num_frames = ckpt.get("vision", {}).get("num_frames", 8) if ckpt else 8
+    plot_test_grid(pick_grid_rows(preds_t, records), data_dir, num_frames, out_dir / "test_grid.png")
+    report = build_report(temporal, mean, preds_t, preds_m, times, rss, ckpt, vision, meta, logs, settings, out_dir)
+    (out_dir / "report.md").write_text(report + "\n")
+    print(f"report: {out_dir / 'report.md'} (metrics.json, loss_curves.png, test_grid.png beside it)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""scripts/report.py: the report card from a fake out/ folder (tiny checkpoint, fake metrics, one log)."""
+import json
+
+import pytest
+
+from model.checkpoint import save_checkpoint
+from model.config import LMConfig, VisionConfig
+from model.vision import save_random_tower
+from model.vlm import VideoLLM
+
+
+def write_json(path, value):
+    path.write_text(json.dumps(value))
+
+
+def fake_metrics(preds):
+    def acc(rows):
+        return round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0
+    cats = {p["category"] for p in preds}
+    subsets = {p["subset"] for p in preds}
+    return {"accuracy": acc(preds), "n": len(preds), "skipped": 0, "seconds": 1.0,
+            "by_category": {c: acc([p for p in preds if p["category"] == c]) for c in sorted(cats)},
+            "by_subset": {s: acc([p for p in preds if p["subset"] == s]) for s in sorted(subsets)}}
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    from make_synthetic import main as make_synthetic
+    data, out = tmp_path / "data", tmp_path / "out"
+    make_synthetic(["--out", str(data), "--n_videos", "2", "--n_test", "2", "--size", "32", "--frames", "4",
+                    "--workers", "1"])
+    out.mkdir()
+    (out / "logs").mkdir()
+    vision = tmp_path / "vit_tiny_random.safetensors"
+    save_random_tower("ViT-Tiny-16", 32, 0, str(vision))
+    model = VideoLLM(LMConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                              intermediate_size=64),
+                     VisionConfig(clip_model="ViT-Tiny-16", clip_image_size=32, clip_pretrained=str(vision),
+                                  clip_dim=16, num_frames=2, num_visual_tokens=2, summary_dim=16,
+                                  summary_layers=1, summary_heads=2))
+    save_checkpoint(model, out / "sft_video_32.safetensors", stage="video", step=3, tokenizer="model/tokenizer")
+
+    tests = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    preds = {}
+    for name, right_every in (("temporal", 2), ("mean", 3)):
+        preds[name] = [{"id": r["id"], "category": r["category"], "subset": r["subset"],
+                        "prediction": "red" if i % right_every else r["conversations"][-1]["content"],
+                        "reference": r["conversations"][-1]["content"], "correct": i % right_every == 0}
+                       for i, r in enumerate(tests)]
+        (out / f"preds_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds[name]))
+        write_json(out / f"metrics_{name}.json", fake_metrics(preds[name]))
+    log = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "tok_s": 100.0, "skipped": 0} for s in (1, 2, 3)]
+    log[-1]["val_loss"] = 1.5
+    (out / "logs" / "sft_video_32.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    write_json(out / "logs" / "sft_video_32.metrics.json", {"step": 3, "skipped": 0, "bad_steps": 0, "val_loss": 1.4})
+    write_json(out / "demo_times.json", {"data": 1.5, "eval": 2.0, "total": 3.5, "peak_rss_gb": 0.5})
+    write_json(out / "demo_rss.json", {"data": 0.2, "eval": 0.5})
+    return out, data, preds
+
+
+def run_report(out, data):
+    import report
+    report.main(["--out_dir", str(out), "--data", str(data)])
+    return (out / "report.md").read_text(), json.loads((out / "metrics.json").read_text())
+
+
+def test_report_card(fake_run):
+    out, data, preds = fake_run
+    text, metrics = run_report(out, data)
+    assert "random" in text.lower() and "RANDOMLY INITIALISED" in text
+    assert "synthetic" in text.lower()
+    assert "| category | n | temporal (model) | mean (ablation) |" in text
+    for category in metrics["by_category"]:
+        assert f"| {category}" in text
+    assert "novel_combo" in text and "standard" in text
+    assert "bash scripts/demo.sh" in text and "loss_curves.png" in text and "test_grid.png" in text
+
+    for key in ("accuracy", "by_category", "by_subset", "n", "skipped", "ablation_mean", "temporal_categories",
+                "temporal_accuracy", "demo_seconds", "peak_rss_gb"):
+        assert key in metrics, key
+    assert metrics["temporal_categories"] == ["direction", "order"]
+    assert set(metrics["ablation_mean"]) >= {"accuracy", "by_category", "by_subset", "temporal_accuracy"}
+    temporal_rows = [p for p in preds["temporal"] if p["category"] in ("direction", "order")]
+    assert metrics["temporal_accuracy"] == pytest.approx(sum(p["correct"] for p in temporal_rows) / len(temporal_rows),
+                                                         abs=1e-4)
+    assert metrics["demo_seconds"] == 3.5 and metrics["peak_rss_gb"] == 0.5
+    assert metrics["vision_encoder_random"] is True
+    for png in ("loss_curves.png", "test_grid.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_report_without_ablation(fake_run):
+    out, data, _ = fake_run
+    for name in ("metrics_mean.json", "preds_mean.jsonl", "demo_times.json", "demo_rss.json"):
+        (out / name).unlink()
+    text, metrics = run_report(out, data)
+    assert metrics["ablation_mean"] is None
+    assert "mean (ablation)" not in text and "| category | n | temporal (model) |" in text
+    assert (out / "test_grid.png").is_file() and (out / "loss_curves.png").is_file()
