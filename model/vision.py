@@ -95,6 +95,9 @@ class FrameEncoder:
 
     def __init__(self, cfg: VisionConfig, device="cpu"):
         source = cfg.clip_pretrained
+        if not source:   # an unseeded random tower would differ between training and eval
+            raise FileNotFoundError("no vision weights: pass --clip_pretrained with an open_clip tag or a "
+                                    "local weights file (scripts/make_random_vision.py writes the offline one)")
         is_file = source.endswith((".safetensors", ".pt", ".pth", ".bin"))
         if is_file and not os.path.exists(source):
             raise FileNotFoundError(f"{source}: vision weights file not found "
