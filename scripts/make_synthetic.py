@@ -29,7 +29,7 @@ KINDS = ("single", "appear", "leave", "sequence")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 BACKGROUND = (40, 40, 40)
 
-OBJECT_FRACTION = 0.28  # object diameter as a fraction of the frame size
+OBJECT_FRACTION = 0.36  # object diameter as a fraction of the frame size
 PATH_START, PATH_END = 0.2, 0.8  # moving objects travel between these fractions of the frame
 SINGLE_JITTER = 0.08  # fixed-coordinate jitter for single-object videos, fraction of size
 IMAGE_JITTER = 0.06
