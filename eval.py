@@ -15,7 +15,7 @@ from dataset.features import open_cache
 from dataset.media import MediaError, read_media
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import BadSample, ChatEncoder, load_tokenizer
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from model.vision import FrameEncoder
 
 
@@ -46,14 +46,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def find_weight(name: str, out_dir: str) -> Path:
-    for candidate in (Path(name), Path(out_dir) / name, Path(out_dir) / f"{name}.safetensors"):
-        if candidate.is_file():
-            return candidate
-    held = sorted(p.name for p in Path(out_dir).glob("*.safetensors")) if Path(out_dir).is_dir() else []
-    raise EvalError(f"{name}: no such checkpoint; {out_dir}/ holds: {', '.join(held) or 'nothing'}")
-
-
 def normalise(text: str) -> str:
     """Lower case, punctuation and extra spaces removed: 'A red circle.' == 'a red  circle'."""
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
@@ -64,7 +56,7 @@ class Session:
 
     def __init__(self, args):
         self.args = args
-        path = find_weight(args.weight, args.out_dir)
+        path = find_checkpoint(args.weight, args.out_dir)
         self.model, meta = load_checkpoint(path, args.device, clip_pretrained=args.clip_pretrained)
         self.model.eval()
         tok_path = args.tokenizer or meta.get("tokenizer", "model/tokenizer")

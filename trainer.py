@@ -23,7 +23,7 @@ from dataset.features import open_cache
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import BadSample, ChatEncoder, load_tokenizer
 from dataset.media import MediaError
-from model.checkpoint import CheckpointError, atomic_write, load_weights, read_metadata, save_checkpoint
+from model.checkpoint import CheckpointError, atomic_write, find_checkpoint, load_weights, read_metadata, save_checkpoint
 from model.config import LMConfig, VisionConfig, config_from_dict
 from model.vision import FrameEncoder, encoder_cache_tag
 from model.vlm import VideoLLM
@@ -137,14 +137,6 @@ def set_rng_state(state):
 
 # ---------------------------------------------------------------- model and data
 
-def resolve_weight(name: str, out_dir: str) -> Path:
-    """A checkpoint given as a path, or as a name (with or without .safetensors) in out_dir."""
-    for candidate in (Path(name), Path(out_dir) / name, Path(out_dir) / f"{name}.safetensors"):
-        if candidate.is_file():
-            return candidate
-    raise TrainingError(f"{name}: no such checkpoint (looked in . and {out_dir}/)")
-
-
 def resolve_configs(args):
     """(lm_cfg, vision_cfg, checkpoint path or None): from the flags, or from --from_weight's metadata.
 
@@ -154,7 +146,7 @@ def resolve_configs(args):
     lm_flags = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name, None) is not None}
     vis_flags = {f.name: getattr(args, f.name) for f in fields(VisionConfig) if getattr(args, f.name, None) is not None}
     if args.from_weight:
-        path = resolve_weight(args.from_weight, args.out_dir)
+        path = find_checkpoint(args.from_weight, args.out_dir)
         meta = read_metadata(path)
         lm_cfg = config_from_dict(LMConfig, json.loads(meta["lm_config"]))
         vis_cfg = config_from_dict(VisionConfig, json.loads(meta["vision_config"]))
@@ -329,7 +321,7 @@ class Trainer:
             kept = [line for line in lines if json.loads(line)["step"] <= self.step]
             self.log_path.write_text("".join(line + "\n" for line in kept))
 
-    def save(self, final=False):
+    def save(self):
         """Checkpoint (safetensors) and resume state, both atomic; rank 0 writes."""
         rngs = [rng_state()]
         if self.world > 1:
@@ -437,12 +429,14 @@ class Trainer:
         bar.close()
         result = {"step": self.step, "skipped": self.skipped, "bad_steps": self.bad_steps,
                   "val_loss": self.validate()}
-        self.save(final=True)
+        self.save()
         if self.rank == 0:
             atomic_write(self.out_dir / "logs" / f"{self.ckpt_path.stem}.metrics.json",
                          lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
             print(f"saved {self.ckpt_path} (step {self.step}, val_loss {result['val_loss']:.4f}, "
                   f"skipped samples {self.skipped})")
+        if self.world > 1:
+            dist.barrier()   # no rank tears the group down while rank 0 is still writing
         return result
 
     @torch.no_grad()

@@ -30,6 +30,15 @@ def atomic_write(path, write_fn):
             tmp.unlink()
 
 
+def find_checkpoint(name: str, out_dir) -> Path:
+    """A checkpoint given as a path, or as a name (with or without .safetensors) in out_dir."""
+    for candidate in (Path(name), Path(out_dir) / name, Path(out_dir) / f"{name}.safetensors"):
+        if candidate.is_file():
+            return candidate
+    held = sorted(p.name for p in Path(out_dir).glob("*.safetensors")) if Path(out_dir).is_dir() else []
+    raise CheckpointError(f"{name}: no such checkpoint; {out_dir}/ holds: {', '.join(held) or 'nothing'}")
+
+
 def save_checkpoint(model: VideoLLM, path, **info):
     """info: stage, step, tokenizer, ... (stored as strings in the safetensors metadata)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k != TIED_KEY}
