@@ -78,13 +78,11 @@ def vision_info(vision_cfg: dict) -> dict:
 
 def positional_note(meta: dict):
     """How the random tower's positional embedding differs from open_clip's init (see model/vision.py)."""
-    kind, std = meta.get("positional_embedding"), meta.get("positional_embedding_std")
-    if kind:
-        what = "a fixed 2D sin-cos table" if kind == "2d-sincos" else f"`{kind}`"
-        return f"its positional embedding replaced by {what}"
-    if std:
-        return f"its positional embedding redrawn at std {std}"
-    return None
+    kind = meta.get("positional_embedding")
+    if not kind:
+        return None
+    what = "a fixed 2D sin-cos table" if kind == "2d-sincos" else f"`{kind}`"
+    return f"its positional embedding replaced by {what}"
 
 
 def temporal_accuracy(preds):
