@@ -35,7 +35,9 @@ class ConversationDataset(Dataset):
     """Samples in the DESIGN.md schema.
 
     Training items carry the whole conversation with labels; with for_generation=True the last
-    assistant turn becomes the reference and the ids end with the assistant prompt.
+    assistant turn becomes the reference and the ids end with the assistant prompt, and
+    "references" lists it together with the record's optional "references" (more acceptable
+    answers or captions, e.g. several human captions of one video; ignored in training).
     An unusable sample comes back as {"error": one line naming the file}; with strict=True it raises.
     """
 
@@ -91,6 +93,7 @@ class ConversationDataset(Dataset):
                 "subset": record.get("subset", "")}
         if reference is not None:
             item["reference"] = reference
+            item["references"] = [reference] + [r for r in extra_references(record) if r != reference]
         return item
 
     def _media(self, record, kinds):
@@ -114,6 +117,15 @@ class ConversationDataset(Dataset):
             frames = read_media(self.media_root / rel, kind, self.num_frames)
             media.append(("pixels", self.preprocess(frames)))
         return media
+
+
+def extra_references(record) -> list:
+    """The record's optional "references": a string or a list of strings."""
+    extra = record.get("references", [])
+    extra = [extra] if isinstance(extra, str) else extra
+    if not isinstance(extra, list) or not all(isinstance(r, str) for r in extra):
+        raise BadSample('"references" must be a string or a list of strings')
+    return list(dict.fromkeys(extra))   # drop repeats, keep order
 
 
 def warn(message):
@@ -145,7 +157,7 @@ def collate(items, pad_id: int, left_pad=False):
         ids[row, cols], labels[row, cols], mask[row, cols] = it["input_ids"], it["labels"], True
     batch.update(input_ids=ids, labels=labels, attention_mask=mask,
                  media=[m for it in good for m in it["media"]])
-    for key in ("id", "category", "subset", "reference"):
+    for key in ("id", "category", "subset", "reference", "references"):
         if key in good[0]:
             batch[key] = [it.get(key) for it in good]
     return batch

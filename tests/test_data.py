@@ -212,3 +212,21 @@ def test_unreadable_video_raises_media_error_naming_the_file(tmp_path, content):
 def test_missing_image_raises_media_error_naming_the_file(tmp_path):
     with pytest.raises(MediaError, match="nope.png"):
         read_image(tmp_path / "nope.png")
+
+
+def test_for_generation_lists_the_answer_and_the_records_extra_references(tmp_path, chat, synthetic, frame_encoder):
+    line = {**record(answer="red"), "references": ["Red.", "crimson", "red", "crimson"]}
+    path = write_jsonl(tmp_path / "data.jsonl", [line, record(answer="blue")])
+    data = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)
+    assert data[0]["reference"] == "red" and data[0]["references"] == ["red", "Red.", "crimson"]
+    assert data[1]["references"] == ["blue"]
+    batch = collate([data[0], data[1]], pad_id=chat.pad_id, left_pad=True)
+    assert batch["references"] == [["red", "Red.", "crimson"], ["blue"]]
+
+
+@pytest.mark.parametrize("references", [3, ["red", 3], {"a": "red"}])
+def test_references_that_are_not_strings_make_a_bad_sample(tmp_path, chat, synthetic, frame_encoder, references):
+    path = write_jsonl(tmp_path / "data.jsonl", [{**record(), "references": references}])
+    error = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)[0]["error"]
+    assert error.startswith(f"{path}:1: ") and '"references"' in error
+    assert "error" not in make_dataset(path, chat, synthetic, frame_encoder)[0]   # training ignores them
