@@ -1,7 +1,6 @@
 """Use a trained checkpoint: interactive chat about a video/image, one answer (--prompt), or batch scoring on a jsonl."""
 import argparse
 import json
-import re
 import sys
 import time
 from collections import defaultdict
@@ -13,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from dataset.features import open_cache
 from dataset.media import MediaError, read_media
+from dataset.metrics import CAPTION_CATEGORIES, CaptionMetricsUnavailable, caption_scores, exact_match
+from dataset.metrics import normalise  # noqa: F401 -- kept importable as eval.normalise
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import BadSample, ChatEncoder, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--feature_dir", default=None, help="feature cache folder ('none' disables)")
     p.add_argument("--out", default=None, help="batch mode: predictions jsonl")
     p.add_argument("--metrics_out", default=None, help="batch mode: metrics json")
+    p.add_argument("--caption_categories", nargs="+", default=list(CAPTION_CATEGORIES),
+                   help="batch mode: categories also scored with BLEU-4 / ROUGE-L / CIDEr (needs pycocoevalcap)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -44,11 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
-
-
-def normalise(text: str) -> str:
-    """Lower case, punctuation and extra spaces removed: 'A red circle.' == 'a red  circle'."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 class Session:
@@ -92,7 +90,11 @@ class Session:
 
 
 def score(session, args):
-    """Batch mode: generate for every line, exact-match against the reference, write preds + metrics."""
+    """Batch mode: generate for every line, score against its references, write preds + metrics.
+
+    Every answer is exact-matched (normalised) against its references: the last assistant turn plus
+    the record's optional "references" list; caption categories also get BLEU-4 / ROUGE-L / CIDEr.
+    """
     if not Path(args.data_path).is_file():
         raise EvalError(f"{args.data_path}: no such file")
     cfg = session.model.vision_cfg
@@ -113,10 +115,11 @@ def score(session, args):
         frames, mask = frames_and_mask(batch["media"], encoder, args.device)
         answers = session.generate(batch, frames, mask)
         for i, answer in enumerate(answers):
-            ref = batch["reference"][i]
+            refs = batch["references"][i]
             preds.append({"id": batch["id"][i], "category": batch["category"][i], "subset": batch["subset"][i],
-                          "prediction": answer, "reference": ref, "correct": normalise(answer) == normalise(ref)})
-    metrics = summarise(preds, skipped, time.perf_counter() - start)
+                          "prediction": answer, "reference": batch["reference"][i], "references": refs,
+                          "correct": exact_match(answer, refs)})
+    metrics = summarise(preds, skipped, time.perf_counter() - start, args.caption_categories)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
@@ -124,11 +127,11 @@ def score(session, args):
     if args.metrics_out:
         Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.metrics_out).write_text(json.dumps(metrics, indent=1))
-    print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "skipped", "by_category")}))
+    print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "skipped", "by_category", "caption_metrics")}))
     return metrics
 
 
-def summarise(preds, skipped, seconds):
+def summarise(preds, skipped, seconds, caption_categories=CAPTION_CATEGORIES):
     def accuracy(rows):
         return round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0
     groups = {"by_category": defaultdict(list), "by_subset": defaultdict(list)}
@@ -139,7 +142,21 @@ def summarise(preds, skipped, seconds):
             groups["by_subset"][p["subset"]].append(p)
     return {"accuracy": accuracy(preds), "n": len(preds), "skipped": skipped,
             **{name: {k: accuracy(v) for k, v in sorted(g.items())} for name, g in groups.items()},
-            "seconds": round(seconds, 2)}
+            "caption_metrics": caption_metrics(preds, caption_categories), "seconds": round(seconds, 2)}
+
+
+def caption_metrics(preds, categories):
+    """BLEU-4 / ROUGE-L / CIDEr over the predictions in caption categories; None when there are none or
+    pycocoevalcap is missing (then one line says how to install it)."""
+    rows = [p for p in preds if p["category"] in categories]
+    if not rows:
+        return None
+    try:
+        scores = caption_scores([p["prediction"] for p in rows], [p["references"] for p in rows])
+    except CaptionMetricsUnavailable as e:
+        print(f"note: {e}", file=sys.stderr)
+        return None
+    return {**scores, "categories": sorted(set(categories))}
 
 
 def chat(session, args):

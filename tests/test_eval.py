@@ -1,5 +1,6 @@
-"""eval.py: batch scoring, one-shot --prompt answers, clean one-line errors, answer normalisation."""
+"""eval.py: batch scoring (exact match, caption metrics), one-shot --prompt answers, clean one-line errors, normalisation."""
 import importlib
+import importlib.util
 import json
 
 import pytest
@@ -85,3 +86,52 @@ def test_normalise_ignores_case_punctuation_and_spacing():
     assert normalise("  Left!\n") == "left"
     assert normalise("The red, then the blue") == "the red then the blue"
     assert normalise("left") != normalise("right")
+
+
+needs_coco = pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
+                                reason="pip install pycocoevalcap (in requirements.txt)")
+
+
+@needs_coco
+def test_batch_mode_scores_captions_with_bleu_rouge_cider(batch_run):
+    from dataset.metrics import caption_scores
+    preds, metrics = batch_run
+    captions = [p for p in preds if p["category"] == "caption"]
+    scores = metrics["caption_metrics"]
+    assert set(scores) == {"bleu4", "rouge_l", "cider", "n", "categories"}
+    assert scores["n"] == len(captions) > 0 and scores["categories"] == ["caption"]
+    assert all(p["references"] == [p["reference"]] for p in preds)   # the test split has one reference each
+    assert scores == {**caption_scores([p["prediction"] for p in captions], [p["references"] for p in captions]),
+                      "categories": ["caption"]}
+    assert 0 <= scores["bleu4"] <= 1 and 0 <= scores["rouge_l"] <= 1 and scores["cider"] >= 0
+
+
+def fake_preds():
+    rows = [("caption", "a red circle moves left", ["A red circle moves left."]),
+            ("caption", "a blue square moves up", ["a blue square moves down", "A blue square moves up."]),
+            ("caption", "a green star stays still", ["a green triangle stays still"]),
+            ("colour", "red", ["red"]), ("colour", "blue", ["green"])]
+    exact_match = importlib.import_module("eval").exact_match
+    return [{"id": str(i), "category": c, "subset": "", "prediction": p, "reference": refs[0], "references": refs,
+             "correct": exact_match(p, refs)} for i, (c, p, refs) in enumerate(rows)]
+
+
+@needs_coco
+def test_caption_categories_choose_the_answers_that_get_caption_metrics():
+    summarise = importlib.import_module("eval").summarise
+    preds = fake_preds()
+    default = summarise(preds, 0, 1.0)
+    assert default["accuracy"] == 0.6 and default["by_category"] == {"caption": 0.6667, "colour": 0.5}
+    assert default["caption_metrics"]["n"] == 3 and default["caption_metrics"]["categories"] == ["caption"]
+    assert summarise(preds, 0, 1.0, ["colour"])["caption_metrics"]["n"] == 2
+    assert summarise(preds, 0, 1.0, ["count"])["caption_metrics"] is None
+
+
+def test_without_pycocoevalcap_eval_still_scores_and_says_so_in_one_line(monkeypatch, capsys):
+    import sys
+    for name in ("pycocoevalcap", "pycocoevalcap.bleu.bleu", "pycocoevalcap.rouge.rouge", "pycocoevalcap.cider.cider"):
+        monkeypatch.setitem(sys.modules, name, None)   # import now raises ImportError
+    metrics = importlib.import_module("eval").summarise(fake_preds(), 0, 1.0)
+    assert metrics["caption_metrics"] is None and metrics["accuracy"] == 0.6 and metrics["n"] == 5
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "pip install pycocoevalcap" in lines[0]
