@@ -105,7 +105,8 @@ def build_metrics(temporal, mean, preds_t, preds_m, times, ckpt, vision):
     metrics["temporal_accuracy"] = temporal_accuracy(preds_t)
     metrics["ablation_mean"] = None if mean is None else {
         "accuracy": mean.get("accuracy"), "by_category": mean.get("by_category", {}),
-        "by_subset": mean.get("by_subset", {}), "temporal_accuracy": temporal_accuracy(preds_m), "n": mean.get("n")}
+        "by_subset": mean.get("by_subset", {}), "temporal_accuracy": temporal_accuracy(preds_m), "n": mean.get("n"),
+        "caption_metrics": mean.get("caption_metrics")}
     metrics["demo_seconds"] = times.get("total")
     metrics["peak_rss_gb"] = times.get("peak_rss_gb")
     metrics["checkpoint"] = ckpt.get("name")
@@ -249,6 +250,7 @@ def section_results(temporal, mean, preds_t, preds_m):
     text += [summary, "", "By category:", "", table(header, rows), "", "By subset (`novel_combo`: colour–shape–motion "
              "triples held out of training; every pair in them was seen):", "",
              table(["subset"] + header[1:], [[r[0]] + r[1:] for r in subset_rows]), ""]
+    text += section_captions(temporal.get("caption_metrics"), (mean or {}).get("caption_metrics"), mean is not None)
     if temporal.get("skipped"):
         text += [f"Skipped (unreadable) test samples: {temporal['skipped']}.", ""]
     text += ["![loss curves](loss_curves.png)", "", "Loss per optimizer step (log scale; dots: validation loss): "
@@ -257,6 +259,21 @@ def section_results(temporal, mean, preds_t, preds_m):
              "question each, the model's answer and the reference; green = correct, red = wrong: "
              "[test_grid.png](test_grid.png)", ""]
     return text
+
+
+def section_captions(temporal, mean, with_mean):
+    """BLEU-4 / ROUGE-L / CIDEr from eval.py (absent when there were no captions or no pycocoevalcap)."""
+    if not temporal:
+        return []
+
+    def score(metrics, key):
+        return "–" if not metrics or metrics.get(key) is None else f"{metrics[key]:.3f}"
+    names = {"bleu4": "BLEU-4", "rouge_l": "ROUGE-L", "cider": "CIDEr"}
+    rows = [[name, score(temporal, key)] + ([score(mean, key)] if with_mean else []) for key, name in names.items()]
+    header = ["metric", "temporal (model)"] + (["mean (ablation)"] if with_mean else [])
+    return [f"Caption metrics on the {temporal.get('n')} {'/'.join(temporal.get('categories', ['caption']))} "
+            "answers (pycocoevalcap scorers on lower-cased, punctuation-free words; corpus BLEU-4, mean ROUGE-L, "
+            "CIDEr with idf from these references):", "", table(header, rows), ""]
 
 
 def section_model(ckpt, vision):

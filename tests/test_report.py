@@ -23,6 +23,10 @@ def fake_metrics(preds):
             "by_subset": {s: acc([p for p in preds if p["subset"] == s]) for s in sorted(subsets)}}
 
 
+CAPTIONS = {"temporal": {"bleu4": 0.4321, "rouge_l": 0.6543, "cider": 2.3456, "n": 2, "categories": ["caption"]},
+            "mean": {"bleu4": 0.1234, "rouge_l": 0.3456, "cider": 0.789, "n": 2, "categories": ["caption"]}}
+
+
 @pytest.fixture
 def fake_run(tmp_path):
     from make_synthetic import main as make_synthetic
@@ -48,7 +52,7 @@ def fake_run(tmp_path):
                         "reference": r["conversations"][-1]["content"], "correct": i % right_every == 0}
                        for i, r in enumerate(tests)]
         (out / f"preds_{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds[name]))
-        write_json(out / f"metrics_{name}.json", fake_metrics(preds[name]))
+        write_json(out / f"metrics_{name}.json", {**fake_metrics(preds[name]), "caption_metrics": CAPTIONS[name]})
     log = [{"step": s, "loss": 3.0 / s, "lr": 1e-3, "tok_s": 100.0, "skipped": 0} for s in (1, 2, 3)]
     log[-1]["val_loss"] = 1.5
     (out / "logs" / "sft_video_32.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
@@ -85,6 +89,11 @@ def test_report_card(fake_run):
                                                          abs=1e-4)
     assert metrics["demo_seconds"] == 3.5 and metrics["peak_rss_gb"] == 0.5
     assert metrics["vision_encoder_random"] is True
+    assert metrics["caption_metrics"] == CAPTIONS["temporal"]
+    assert metrics["ablation_mean"]["caption_metrics"] == CAPTIONS["mean"]
+    assert "| metric | temporal (model) | mean (ablation) |" in text
+    for row in ("| BLEU-4 | 0.432 | 0.123 |", "| ROUGE-L | 0.654 | 0.346 |", "| CIDEr | 2.346 | 0.789 |"):
+        assert row in text, row
     for png in ("loss_curves.png", "test_grid.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -96,4 +105,13 @@ def test_report_without_ablation(fake_run):
     text, metrics = run_report(out, data)
     assert metrics["ablation_mean"] is None
     assert "mean (ablation)" not in text and "| category | n | temporal (model) |" in text
+    assert "| BLEU-4 | 0.432 |" in text
+
+
+def test_report_without_caption_metrics(fake_run):
+    out, data, _ = fake_run
+    path = out / "metrics_temporal.json"
+    write_json(path, {**json.loads(path.read_text()), "caption_metrics": None})   # eval ran without pycocoevalcap
+    text, metrics = run_report(out, data)
+    assert metrics["caption_metrics"] is None and "BLEU-4" not in text
     assert (out / "test_grid.png").is_file() and (out / "loss_curves.png").is_file()
