@@ -337,7 +337,7 @@ def load_into(lm: LanguageModel, state: dict, path=""):
 
 
 def build_lm(cfg: LMConfig, state: dict) -> LanguageModel:
-    torch.manual_seed(0)   # every weight is overwritten; the seed only keeps init cheap to reason about
+    """A stand-alone LM (eval mode) holding these weights."""
     return load_into(LanguageModel(cfg), state).eval()
 
 
