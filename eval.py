@@ -15,7 +15,7 @@ from dataset.media import MediaError, read_media
 from dataset.metrics import CAPTION_CATEGORIES, CaptionMetricsUnavailable, caption_scores, exact_match
 from dataset.metrics import normalise  # noqa: F401 -- kept importable as eval.normalise
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
-from model.chat import BadSample, ChatEncoder, load_tokenizer
+from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from model.vision import FrameEncoder
 
@@ -84,8 +84,11 @@ class Session:
                     row.append(t)
             if stream:
                 text = self.tokenizer.decode(rows[0], skip_special_tokens=True)
-                stream(text[len(shown):])
-                shown = text
+                if not text.endswith("\ufffd"):   # a character split over byte tokens waits for its last byte
+                    stream(text[len(shown):])
+                    shown = text
+        if stream:
+            stream(self.tokenizer.decode(rows[0], skip_special_tokens=True)[len(shown):])
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
 
 
@@ -201,7 +204,7 @@ def main(argv=None):
             score(session, args)
         else:
             chat(session, args)
-    except (EvalError, CheckpointError, MediaError, BadSample, FileNotFoundError) as e:
+    except (EvalError, CheckpointError, MediaError, BadSample, TokenizerError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

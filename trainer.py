@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from dataset.features import open_cache
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
-from model.chat import BadSample, ChatEncoder, load_tokenizer
+from model.chat import VISION_PAD, BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from dataset.media import MediaError
 from model.checkpoint import CheckpointError, atomic_write, find_checkpoint, load_weights, read_metadata, save_checkpoint
 from model.config import LMConfig, VisionConfig, config_from_dict
+from model.convert import ConversionError, grow_vocab, load_into, read_lm
 from model.vision import FrameEncoder, encoder_cache_tag
 from model.vlm import VideoLLM
 
@@ -48,6 +49,9 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
     a("--val_every", type=int, default=100, help="optimizer steps between validations (0: never)")
     a("--out_dir", default="out")
     a("--from_weight", default="", help="checkpoint to start from: a path, or a name in --out_dir")
+    a("--from_lm", default="",
+      help="start only the language model from these weights (the rest fresh): our .safetensors (an LM file "
+           "or a checkpoint's LM), a MiniMind .pth, or a Hugging Face Llama folder; the LM config comes from them")
     a("--tokenizer", default="model/tokenizer")
     a("--epochs", type=int, default=epochs)
     a("--max_steps", type=int, default=0, help="optimizer steps (0: as many as --epochs give)")
@@ -59,10 +63,10 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
     a("--weight_decay", type=float, default=0.1)
     a("--grad_clip", type=float, default=1.0)
     a("--train_parts", default=None,
-      help=f"comma list of {','.join(PARTS)} (default: all; with --from_weight in pretrain: summary,projector)")
-    # Architecture: used when starting fresh; with --from_weight the checkpoint's config rules.
+      help=f"comma list of {','.join(PARTS)} (default: all; in pretrain from --from_weight/--from_lm: summary,projector)")
+    # Architecture: used when starting fresh; with --from_weight (--from_lm) the checkpoint's (weights') config rules.
     for name, kind in [("hidden_size", int), ("num_layers", int), ("num_heads", int),
-                       ("num_kv_heads", int), ("intermediate_size", int), ("vocab_size", int),
+                       ("num_kv_heads", int), ("intermediate_size", int), ("vocab_size", int), ("rope_theta", float),
                        ("num_frames", int), ("num_visual_tokens", int), ("summary", str),
                        ("summary_dim", int), ("summary_layers", int), ("clip_model", str),
                        ("clip_image_size", int)]:
@@ -138,13 +142,24 @@ def set_rng_state(state):
 # ---------------------------------------------------------------- model and data
 
 def resolve_configs(args):
-    """(lm_cfg, vision_cfg, checkpoint path or None): from the flags, or from --from_weight's metadata.
+    """(lm_cfg, vision_cfg, checkpoint path or None, LM state or None): from the flags, from
+    --from_weight's metadata, or (LM only) from --from_lm's weights.
 
     Flags may not contradict a checkpoint's config; the weights are loaded later, once the
     encoder has fixed the CLIP feature width.
     """
     lm_flags = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name, None) is not None}
     vis_flags = {f.name: getattr(args, f.name) for f in fields(VisionConfig) if getattr(args, f.name, None) is not None}
+    if args.from_lm:
+        if args.from_weight:
+            raise TrainingError("--from_lm and --from_weight both given: pick one")
+        # A MiniMind .pth cannot tell its head count or RoPE base; the flags (or MiniMind2's values) do.
+        lm_cfg, lm_state = read_lm(args.from_lm, num_heads=lm_flags.get("num_heads", 8),
+                                   rope_theta=lm_flags.get("rope_theta", 1e6))
+        clash = {k: (v, getattr(lm_cfg, k)) for k, v in lm_flags.items() if getattr(lm_cfg, k) != v}
+        if clash:
+            raise TrainingError(f"{args.from_lm}: flags contradict the LM's config (flag, weights): {clash}")
+        return lm_cfg, VisionConfig(**vis_flags), None, lm_state
     if args.from_weight:
         path = find_checkpoint(args.from_weight, args.out_dir)
         meta = read_metadata(path)
@@ -158,11 +173,22 @@ def resolve_configs(args):
                                     f"(flag, checkpoint): {clash}")
         if args.clip_pretrained:
             vis_cfg.clip_pretrained = args.clip_pretrained
-        return lm_cfg, vis_cfg, path
+        return lm_cfg, vis_cfg, path, None
     if "intermediate_size" not in lm_flags and "hidden_size" in lm_flags:
         # SwiGLU width ≈ 8/3 × hidden, rounded up to a multiple of 64 (MiniMind's rule: 512 → 1408).
         lm_flags["intermediate_size"] = 64 * math.ceil(lm_flags["hidden_size"] * 8 / 3 / 64)
-    return LMConfig(**lm_flags), VisionConfig(**vis_flags), None
+    return LMConfig(**lm_flags), VisionConfig(**vis_flags), None, None
+
+
+def fit_lm_vocab(lm_cfg, lm_state, tokenizer, source):
+    """Grow a loaded LM by the slot token load_tokenizer appended (MiniMind2's tokenizer has none)."""
+    appended = [tokenizer.convert_ids_to_tokens(i) for i in range(lm_cfg.vocab_size, len(tokenizer))]
+    if appended and lm_state is not None and set(appended) == {VISION_PAD}:
+        return grow_vocab(lm_cfg, lm_state, len(tokenizer))
+    if appended:
+        hint = "use the tokenizer these weights were trained with" if source else f"pass --vocab_size {len(tokenizer)}"
+        raise TrainingError(f"vocab_size {lm_cfg.vocab_size} < the tokenizer's {len(tokenizer)} tokens ({hint})")
+    return lm_cfg, lm_state
 
 
 def set_trainable(model, parts):
@@ -257,11 +283,9 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed(args.device)
         seed_everything(args.seed)
         self.tokenizer = load_tokenizer(args.tokenizer)
-        lm_cfg, vis_cfg, weight_path = resolve_configs(args)
-        self.source = str(weight_path or "")
-        if lm_cfg.vocab_size < len(self.tokenizer):
-            raise TrainingError(f"vocab_size {lm_cfg.vocab_size} < the tokenizer's {len(self.tokenizer)} tokens "
-                                f"(pass --vocab_size {len(self.tokenizer)})")
+        lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(args)
+        self.source = str(weight_path or args.from_lm or "")
+        lm_cfg, lm_state = fit_lm_vocab(lm_cfg, lm_state, self.tokenizer, self.source)
         vis_cfg.vision_token_id = self.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
         chat = ChatEncoder(self.tokenizer, vis_cfg.num_visual_tokens)
         self.train_set, self.val_set, self.encoder = make_datasets(
@@ -272,7 +296,10 @@ class Trainer:
             load_weights(model, weight_path)
         else:
             fit_feature_stats(model, self.train_set, self.encoder, args.seed)
-        default_parts = "summary,projector" if (stage == "pretrain" and args.from_weight) else ",".join(PARTS)
+        if lm_state is not None:
+            load_into(model.lm, lm_state, args.from_lm)
+        pretrained = args.from_weight or args.from_lm
+        default_parts = "summary,projector" if (stage == "pretrain" and pretrained) else ",".join(PARTS)
         self.parts = (args.train_parts or default_parts).split(",")
         set_trainable(model, self.parts)
         self.model = model.to(self.device)
@@ -464,7 +491,8 @@ def main(stages, lr: float, epochs: int, batch_size: int):
     args = parser.parse_args()
     try:
         Trainer(args, getattr(args, "stage", stages[0])).run()
-    except (TrainingError, CheckpointError, BadSample, MediaError, FileNotFoundError) as e:
+    except (TrainingError, CheckpointError, ConversionError, TokenizerError, BadSample, MediaError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -15,13 +15,26 @@ class BadSample(ValueError):
     """A sample whose conversation cannot be used; the message says why."""
 
 
+class TokenizerError(ValueError):
+    """A tokenizer folder that cannot be used; the message names it and what it lacks."""
+
+
 def load_tokenizer(path):
+    """A Hugging Face tokenizer folder with the ChatML tokens; a missing <|vision_pad|> is appended.
+
+    MiniMind2's tokenizer has <|endoftext|>, <|im_start|>, <|im_end|> but no slot token. The slot
+    token only marks where visual tokens go (its embedding is replaced before the LM sees it), so
+    it is appended at id len(tokenizer): deterministic, so training and eval agree on the id. An LM
+    started from such a tokenizer's weights grows by that row (trainer --from_lm, model.convert.grow_vocab).
+    """
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path))
     vocab = tok.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab and t != VISION_PAD]
     if missing:
-        raise ValueError(f"{path}: tokenizer lacks special tokens {missing}")
+        raise TokenizerError(f"{path}: tokenizer lacks special tokens {missing}")
+    if VISION_PAD not in vocab:
+        tok.add_tokens([VISION_PAD], special_tokens=True)
     return tok
 
 

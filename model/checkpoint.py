@@ -57,6 +57,9 @@ def read_metadata(path) -> dict:
             meta = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if "lm_config" in meta and "vision_config" not in meta:
+        raise CheckpointError(f"{path}: a language-model-only file (no vision parts); "
+                              "start training from it with --from_lm")
     if "lm_config" not in meta or "vision_config" not in meta:
         raise CheckpointError(f"{path}: safetensors file without our model config in its metadata")
     return meta
