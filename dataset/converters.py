@@ -17,7 +17,8 @@ from dataset.vlm_dataset import media_pools
 from model.chat import MEDIA_MARKER, BadSample, check_turns, marker_kinds
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# MiniMind-V's loader expands <image> to '@'*196, Cinego's to '@'*197; a file holding the expanded run still means one image.
+# MiniMind-V's loader expands <image> to '@'*196, Cinego's to '@'*197; a file holding such a run
+# still means one image.
 EXPANDED_PLACEHOLDER = re.compile(r"@{196,197}")
 # Tried in this order by --video_ext auto (ActivityNet, for one, mixes mp4, mkv and webm).
 AUTO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov")
@@ -157,7 +158,7 @@ def path_list(value, key) -> list:
 
 
 def read_turns(conversations) -> list:
-    """LLaVA {"from","value"} or {"role","content"} turns → ours, with roles mapped (human→user, gpt→assistant)."""
+    """LLaVA {"from","value"} or {"role","content"} turns → ours; roles mapped (human→user, gpt→assistant)."""
     if not isinstance(conversations, list) or not conversations:
         raise Skip("missing_field", "missing or empty 'conversations'")
     turns = []

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import convert_data
 from conftest import run_python
 from dataset.converters import Options, Skip, convert_records, from_minimind, read_msvd_mapping
 from dataset.vlm_dataset import ConversationDataset
@@ -113,7 +114,8 @@ EXPECTED = {
         ("msvd_0", "video", "-4wsuPCjDBc_5_15.avi", ["<video>\nwho is slicing a tomato?"], ["man"], "qa"),
         ("msvd_1", "video", "-7KMZQEsJW4_205_208.avi", ["<video>\nwhat is the man doing?"], ["slice"], "qa")],
     "minimind-v": [
-        ("0", "image", "GCC_train_002582585.jpg", ["提供给定图像的简要描述。\n<image>"], ["橄榄油是健康的烹饪原料。"], None),
+        ("0", "image", "GCC_train_002582585.jpg", ["提供给定图像的简要描述。\n<image>"],
+         ["橄榄油是健康的烹饪原料。"], None),
         ("1", "image", ["dog.jpg", "cat.jpg"], ["<image>\n<image>\nAre these the same animal?"],
          ["No, a dog and a cat."], None)],
     "cinego": [
@@ -149,7 +151,8 @@ def convert(tmp_path, fmt, **options):
 
 def user_and_answers(record):
     turns = record["conversations"]
-    return [t["content"] for t in turns if t["role"] == "user"], [t["content"] for t in turns if t["role"] == "assistant"]
+    return ([t["content"] for t in turns if t["role"] == "user"],
+            [t["content"] for t in turns if t["role"] == "assistant"])
 
 
 @pytest.mark.parametrize("fmt", sorted(FIXTURES))
@@ -282,16 +285,15 @@ def test_cli_converts_and_training_loader_reads_the_real_video(tmp_path, tokeniz
 def test_cli_strict_stops_with_one_line_naming_the_record(tmp_path):
     source = write_fixture(tmp_path, "videoinstruct")
     out = tmp_path / "out.jsonl"
-    result = run_python("scripts/convert_data.py", "--format", "videoinstruct", "--input", source,
-                        "--out", out, "--strict")
-    assert result.returncode == 1 and not out.exists()
-    assert result.stderr.strip() == f"error: {source}[2] (id v_mTDRTiTnsjQ): missing or empty 'a'"
+    with pytest.raises(SystemExit) as stop:
+        convert_data.main(["--format", "videoinstruct", "--input", str(source), "--out", str(out), "--strict"])
+    assert stop.value.code == f"error: {source}[2] (id v_mTDRTiTnsjQ): missing or empty 'a'"
+    assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
 
 
 def test_cli_unreadable_input_is_one_line_error(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('{"video_id": 1, ')
-    result = run_python("scripts/convert_data.py", "--format", "msrvtt-qa", "--input", bad,
-                        "--out", tmp_path / "o.jsonl")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith(f"error: {bad}: not valid JSON")
+    with pytest.raises(SystemExit) as stop:
+        convert_data.main(["--format", "msrvtt-qa", "--input", str(bad), "--out", str(tmp_path / "o.jsonl")])
+    assert stop.value.code.startswith(f"error: {bad}: not valid JSON")
