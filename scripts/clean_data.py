@@ -240,7 +240,7 @@ def main(argv=None):
     if args.report:
         summary = {"input": args.data, "output": args.out, "read": len(rows), "kept": len(kept),
                    "dropped": {r: cleaner.dropped[r] for r in REASONS if cleaner.dropped[r]},
-                   "examples": cleaner.examples}
+                   "examples": {r: cleaner.examples[r] for r in REASONS if r in cleaner.examples}}
         Path(args.report).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
 
 
