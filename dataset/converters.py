@@ -9,7 +9,7 @@ import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
@@ -49,6 +49,7 @@ class Options:
     caption_prompt: str = DEFAULT_CAPTION_PROMPT
     keyframe_turn: bool = False        # ShareGPT4Video: add the keyframe captions as a second turn
     msvd_mapping: dict | None = None   # MSVD-QA: "vid1" → YouTube clip name (youtube_mapping.txt)
+    id_prefix: str = ""                # ids for records without one: <prefix>_<index> (default: input file stem)
 
     def place(self, path: str) -> str:
         """A source media path → ours: relative to out_dir when media_root is given, else kept as it is."""
@@ -242,7 +243,7 @@ def from_llava_video(record, index, opts: Options) -> dict:
         raise Skip("missing_field", "no 'video' or 'image'")
     media = [("video", p) for p in videos] + [("image", p) for p in images]
     # Both kinds at once: marker order is unknown, so the text's own markers must already be right.
-    return build(str(record.get("id", index)), turns, media, opts,
+    return build(str(record.get("id", f"{opts.id_prefix}_{index}")), turns, media, opts,
                  source=record.get("data_source"), retag=not (videos and images))
 
 
@@ -327,7 +328,8 @@ def from_minimind(record, index, opts: Options) -> dict:
         if suffix not in VIDEO_SUFFIXES | IMAGE_SUFFIXES or not name:
             raise Skip("unknown_media_type", f"cannot tell whether {name!r} is an image or a video")
         media.append(("video" if suffix in VIDEO_SUFFIXES else "image", name))
-    return build(str(record.get("id", index)), turns, media, opts, category=record.get("category"))
+    return build(str(record.get("id", f"{opts.id_prefix}_{index}")), turns, media, opts,
+                 category=record.get("category"))
 
 
 FORMATS = {
@@ -346,6 +348,7 @@ def convert_records(fmt: str, source_path, opts: Options, counts: Counter, on_sk
 
     on_skip(where, record_id, Skip) is called for each skipped record (it may raise to stop)."""
     convert = FORMATS[fmt]
+    opts = replace(opts, id_prefix=opts.id_prefix or Path(source_path).stem)
     for index, (where, record) in enumerate(read_source(source_path)):
         counts["read"] += 1
         try:

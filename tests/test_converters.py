@@ -114,14 +114,14 @@ EXPECTED = {
         ("msvd_0", "video", "-4wsuPCjDBc_5_15.avi", ["<video>\nwho is slicing a tomato?"], ["man"], "qa"),
         ("msvd_1", "video", "-7KMZQEsJW4_205_208.avi", ["<video>\nwhat is the man doing?"], ["slice"], "qa")],
     "minimind-v": [
-        ("0", "image", "GCC_train_002582585.jpg", ["提供给定图像的简要描述。\n<image>"],
+        ("sft_vlm_data_0", "image", "GCC_train_002582585.jpg", ["提供给定图像的简要描述。\n<image>"],
          ["橄榄油是健康的烹饪原料。"], None),
-        ("1", "image", ["dog.jpg", "cat.jpg"], ["<image>\n<image>\nAre these the same animal?"],
+        ("sft_vlm_data_1", "image", ["dog.jpg", "cat.jpg"], ["<image>\n<image>\nAre these the same animal?"],
          ["No, a dog and a cat."], None)],
     "cinego": [
-        ("0", "video", "academic_source/Charades/0AMBV.mp4", ["<video>\nWhat is the person doing?"],
+        ("sft_video_0", "video", "academic_source/Charades/0AMBV.mp4", ["<video>\nWhat is the person doing?"],
          ["The person is stirring a pot."], None),
-        ("1", "video", "academic_source/Charades/0AYPZ.mp4", ["<video>\nWhere is this?", "Is anyone else there?"],
+        ("sft_video_1", "video", "academic_source/Charades/0AYPZ.mp4", ["<video>\nWhere is this?", "Is anyone else there?"],
          ["In a kitchen.", "No."], None)],
 }
 BAD_REASON = {"llava-video": "missing_field", "sharegpt4video": "no_caption", "videoinstruct": "missing_field",
