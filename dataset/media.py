@@ -68,5 +68,30 @@ def read_image(path) -> np.ndarray:
         raise MediaError(f"{path}: cannot read image ({str(e).splitlines()[0][:120]})") from None
 
 
+def probe_media(path, kind: str) -> None:
+    """Open the file and read its header (a video's frame count) without decoding frames; MediaError if unusable."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise MediaError(f"{path}: {kind} file not found")
+    if Path(path).stat().st_size == 0:
+        raise MediaError(f"{path}: empty file")
+    try:
+        if kind == "video":
+            import decord
+            with native_stderr_silenced():
+                frames = len(decord.VideoReader(path, num_threads=1))
+            if frames == 0:
+                raise MediaError(f"{path}: video has no frames")
+        else:
+            from PIL import Image
+            with Image.open(path) as im:
+                im.verify()
+    except MediaError:
+        raise
+    except Exception as e:
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise MediaError(f"{path}: cannot open {kind} ({first_line[:120]})") from None
+
+
 def read_media(path, kind: str, num_frames: int) -> np.ndarray:
     return read_video(path, num_frames) if kind == "video" else read_image(path)

@@ -31,6 +31,21 @@ def read_jsonl(path):
     return rows
 
 
+def media_pools(record, kinds) -> dict:
+    """{"image": [paths], "video": [paths]}; BadSample unless each item has exactly one marker."""
+    pools = {}
+    for kind in ("image", "video"):
+        value = record.get(kind)
+        if not (value is None or isinstance(value, str)
+                or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise BadSample(f"'{kind}' must be a path or a list of paths, not {type(value).__name__}")
+        pools[kind] = as_list(value)
+        count = kinds.count(kind)
+        if count != len(pools[kind]):
+            raise BadSample(f"{count} <{kind}> marker(s) for {len(pools[kind])} {kind} item(s)")
+    return pools
+
+
 class ConversationDataset(Dataset):
     """Samples in the DESIGN.md schema.
 
@@ -98,11 +113,7 @@ class ConversationDataset(Dataset):
 
     def _media(self, record, kinds):
         """One entry per marker, in marker order: ('features', (T,d)) or ('pixels', (T,3,S,S))."""
-        pools = {"image": as_list(record.get("image")), "video": as_list(record.get("video"))}
-        for kind, paths in pools.items():
-            count = kinds.count(kind)
-            if count != len(paths):
-                raise BadSample(f"{count} <{kind}> marker(s) for {len(paths)} {kind} item(s)")
+        pools = media_pools(record, kinds)
         taken = {"image": 0, "video": 0}
         media = []
         for kind in kinds:

@@ -19,6 +19,28 @@ class TokenizerError(ValueError):
     """A tokenizer folder that cannot be used; the message names it and what it lacks."""
 
 
+def check_turns(conversations) -> list:
+    """The role of each turn; BadSample unless turns alternate user/assistant (after an optional system)."""
+    if not isinstance(conversations, list) or not conversations:
+        raise BadSample("'conversations' must be a non-empty list")
+    if isinstance(conversations[0], dict) and conversations[0].get("role") == "system":
+        roles = ["system"] + [("user", "assistant")[i % 2] for i in range(len(conversations) - 1)]
+    else:
+        roles = [("user", "assistant")[i % 2] for i in range(len(conversations))]
+    for i, (turn, role) in enumerate(zip(conversations, roles)):
+        if not isinstance(turn, dict) or turn.get("role") != role or not isinstance(turn.get("content"), str):
+            got = turn.get("role") if isinstance(turn, dict) else type(turn).__name__
+            raise BadSample(f"turn {i} is {got!r}, expected a {role!r} turn with text content "
+                            "(turns alternate user/assistant, starting with user)")
+    return roles
+
+
+def marker_kinds(conversations) -> list:
+    """The kind ("video" or "image") of each marker in order: the slots ChatEncoder.encode makes (user turns only)."""
+    return [m[1:-1] for turn in conversations if turn.get("role") == "user"
+            for m in MEDIA_MARKER.findall(turn["content"])]
+
+
 def load_tokenizer(path):
     """A Hugging Face tokenizer folder with the ChatML tokens; a missing <|vision_pad|> is appended.
 
@@ -67,19 +89,9 @@ class ChatEncoder:
 
     def encode(self, conversations: list, add_generation_prompt=False):
         """→ (ids, labels, media_kinds). Labels cover each assistant answer and its <|im_end|>."""
-        if not isinstance(conversations, list) or not conversations:
-            raise BadSample("'conversations' must be a non-empty list")
-        turns = list(conversations)
+        roles = check_turns(conversations)
         ids, labels, kinds = [], [], []
-        if isinstance(turns[0], dict) and turns[0].get("role") == "system":
-            roles = ["system"] + [("user", "assistant")[i % 2] for i in range(len(turns) - 1)]
-        else:
-            roles = [("user", "assistant")[i % 2] for i in range(len(turns))]
-        for i, (turn, role) in enumerate(zip(turns, roles)):
-            if not isinstance(turn, dict) or turn.get("role") != role or not isinstance(turn.get("content"), str):
-                got = turn.get("role") if isinstance(turn, dict) else type(turn).__name__
-                raise BadSample(f"turn {i} is {got!r}, expected a {role!r} turn with text content "
-                                "(turns alternate user/assistant, starting with user)")
+        for turn, role in zip(conversations, roles):
             head = [self.im_start] + self.text(f"{role}\n")
             if role == "user":
                 body = self.content(turn["content"], kinds) + [self.im_end]
