@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.features import open_cache
-from dataset.media import MediaError, read_media
+from dataset.media import MediaError, read_media, sampling_rate
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import BadSample, ChatEncoder, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
-from model.vision import FrameEncoder
+from model.vision import FrameEncoder, VisionWeightsError
 
 
 class EvalError(Exception):
@@ -99,7 +99,7 @@ def score(session, args):
     data_dir = Path(args.media_root) if args.media_root else Path(args.data_path).parent
     data = ConversationDataset(args.data_path, session.chat, cfg.num_frames, session.model.lm_cfg.max_seq_len,
                                media_root=args.media_root, cache=open_cache(data_dir, cfg, args.feature_dir),
-                               for_generation=True)
+                               for_generation=True, fps=sampling_rate(cfg))
     encoder = session.encoder if data.uncached() else None
     if encoder:
         data.preprocess = encoder.pixels
@@ -145,9 +145,10 @@ def summarise(preds, skipped, seconds):
 def chat(session, args):
     """Interactive (or single --prompt) conversation; the media stays part of every turn."""
     media, markers = [], ""
+    cfg = session.model.vision_cfg
     for kind, path in (("image", args.image), ("video", args.video)):
         if path:
-            frames = read_media(path, kind, session.model.vision_cfg.num_frames)
+            frames = read_media(path, kind, cfg.num_frames, sampling_rate(cfg))
             media.append(("features", session.encoder.encode(frames)))
             markers += f"<{kind}>\n"
     frames, mask = frames_and_mask(media, None, args.device)
@@ -184,7 +185,7 @@ def main(argv=None):
             score(session, args)
         else:
             chat(session, args)
-    except (EvalError, CheckpointError, MediaError, BadSample, FileNotFoundError) as e:
+    except (EvalError, CheckpointError, MediaError, BadSample, VisionWeightsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""Media → frames: decord uniform sampling for videos, PIL for images (an image is a 1-frame video)."""
+"""Media → frames: decord sampling (uniform, or at a frame rate) for videos, PIL for images (an image is a 1-frame video)."""
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +14,48 @@ class MediaError(Exception):
     """Unreadable media; the message names the file and the problem in one line."""
 
 
+SAMPLING_MODES = ("uniform", "fps")
+
+
 def uniform_indices(total: int, num: int) -> np.ndarray:
     """The centre frame of each of `num` equal segments (repeats frames if the clip is shorter)."""
     return ((np.arange(num) + 0.5) * total / num).astype(np.int64).clip(0, total - 1)
+
+
+def sample_frames(total: int, native_fps: float, num_frames: int, fps=None) -> np.ndarray:
+    """Exactly `num_frames` frame indices, in order.
+
+    fps=None: uniform over the clip (uniform_indices). fps set: the frame on screen at t = 0,
+    1/fps, 2/fps, ... seconds (never faster than the clip's own rate); when that gives more than
+    num_frames, the cap binds and the frames are spread uniformly over the whole clip instead.
+    A clip too short to give num_frames at that rate has those frames repeated in order, spread
+    over the num_frames slots as uniform_indices spreads a short clip, because VideoSummary and
+    the feature cache use a fixed T.
+    """
+    if fps is None:
+        return uniform_indices(total, num_frames)
+    if not fps > 0 or not native_fps > 0:
+        raise ValueError(f"fps sampling needs a positive rate (asked {fps}, clip has {native_fps})")
+    step = max(1.0, native_fps / fps)   # in native frames
+    # floor: frame i is on screen during [i, i+1)/native_fps; the epsilon absorbs float error.
+    at_rate = np.floor(np.arange(0, total, step) + 1e-6).astype(np.int64).clip(0, total - 1)
+    if len(at_rate) > num_frames:
+        return uniform_indices(total, num_frames)
+    return at_rate[uniform_indices(len(at_rate), num_frames)]
+
+
+def sampling_rate(cfg):
+    """The `fps` argument read_video takes for a VisionConfig's sampling: None (uniform) or the rate."""
+    mode, sample_fps = cfg.frame_sampling, cfg.sample_fps
+    if mode == "uniform":
+        if sample_fps:
+            raise ValueError(f"sample_fps={sample_fps} is only used with frame_sampling 'fps'")
+        return None
+    if mode == "fps":
+        if not sample_fps > 0:
+            raise ValueError("frame_sampling 'fps' needs sample_fps > 0")
+        return float(sample_fps)
+    raise ValueError(f"frame_sampling must be one of {SAMPLING_MODES}, got {mode!r}")
 
 
 @contextmanager
@@ -33,8 +72,8 @@ def native_stderr_silenced():
         os.close(devnull)
 
 
-def read_video(path, num_frames: int) -> np.ndarray:
-    """uint8 (num_frames, H, W, 3) sampled uniformly over the whole clip."""
+def read_video(path, num_frames: int, fps=None) -> np.ndarray:
+    """uint8 (num_frames, H, W, 3): uniform over the whole clip, or at `fps` (see sample_frames)."""
     path = str(path)
     if not Path(path).is_file():
         raise MediaError(f"{path}: video file not found")
@@ -45,7 +84,10 @@ def read_video(path, num_frames: int) -> np.ndarray:
         total = len(reader)
         if total == 0:
             raise MediaError(f"{path}: video has no frames")
-        return reader.get_batch(list(uniform_indices(total, num_frames))).asnumpy()
+        native_fps = reader.get_avg_fps() if fps is not None else 0.0
+        if fps is not None and not native_fps > 0:
+            raise MediaError(f"{path}: frame rate unknown, cannot sample at {fps:g} fps")
+        return reader.get_batch(list(sample_frames(total, native_fps, num_frames, fps))).asnumpy()
     except MediaError:
         raise
     except Exception as e:   # decord raises its own error types for corrupt or non-video files
@@ -68,5 +110,5 @@ def read_image(path) -> np.ndarray:
         raise MediaError(f"{path}: cannot read image ({str(e).splitlines()[0][:120]})") from None
 
 
-def read_media(path, kind: str, num_frames: int) -> np.ndarray:
-    return read_video(path, num_frames) if kind == "video" else read_image(path)
+def read_media(path, kind: str, num_frames: int, fps=None) -> np.ndarray:
+    return read_video(path, num_frames, fps) if kind == "video" else read_image(path)
