@@ -159,12 +159,45 @@ def test_fps_sampling_reads_the_frames_at_that_rate(clip, fps, expected):
     assert [frame_index(f) for f in frames] == expected
 
 
-def test_fps_sampling_of_a_clip_without_a_frame_rate_is_a_media_error(tmp_path, monkeypatch):
+# A variable-frame-rate clip (as phones record): 10 frames 25 ms apart, then 10 frames 100 ms apart.
+VFR_STARTS_MS = [25 * i for i in range(10)] + [250 + 100 * i for i in range(10)]
+
+
+def write_vfr_clip(path, codec):
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for i, start in enumerate(VFR_STARTS_MS):
+            frame = av.VideoFrame.from_ndarray(index_frame(i, 48, 64), format="rgb24")
+            frame.pts, frame.time_base = start, Fraction(1, 1000)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def test_fps_sampling_with_stored_frame_times_follows_the_real_clock():
+    times = np.array([[s, s + (25 if s < 250 else 100)] for s in VFR_STARTS_MS]) / 1000
+    # t = 0, 0.5, 1.0 s (the clip ends at 1.25 s): frames 0, 12 (from 0.45 s), 17 (from 0.95 s).
+    assert sample_frames(20, 16.0, 4, fps=2, times=times).tolist() == [0, 12, 12, 17]
+    # A constant 16 fps (20 frames in 1.25 s) would have picked other frames.
+    assert sample_frames(20, 16.0, 4, fps=2).tolist() != [0, 12, 12, 17]
+
+
+@pytest.mark.parametrize("suffix, codecs", [("mp4", H264), ("mov", H264), ("mkv", H264), ("webm", VP9)])
+def test_fps_sampling_of_a_variable_frame_rate_clip_uses_its_frame_times(tmp_path, suffix, codecs):
+    path = tmp_path / f"vfr.{suffix}"
+    write_vfr_clip(path, first_available(*codecs))
+    assert [frame_index(f) for f in read_video(path, 4, fps=2)] == [0, 12, 12, 17]
+
+
+def test_fps_sampling_falls_back_to_the_average_rate_without_usable_frame_times(tmp_path, monkeypatch):
     path = tmp_path / "clip.mp4"
     write_clip(path, first_available(*H264, *MPEG4), 32, 32)
     import decord
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp", lambda self, idx: np.zeros((len(idx), 2)))
+    assert [frame_index(f) for f in read_video(path, 8, fps=2)] == [0, 5, 5, 10, 15, 20, 20, 25]
     monkeypatch.setattr(decord.VideoReader, "get_avg_fps", lambda self: 0.0)
-    with pytest.raises(MediaError, match="frame rate unknown"):
+    with pytest.raises(MediaError, match="frame times unknown"):
         read_video(path, 4, fps=1)
 
 
