@@ -112,7 +112,7 @@ def test_tower_file_loads_strictly_and_gives_the_source_models_features(tiny_cli
     frames = noise_frames(*NON_SQUARE[0])
     with torch.no_grad():
         expected = model.visual(torch.stack([preprocess(Image.fromarray(f)) for f in frames]))
-    torch.testing.assert_close(encoder.encode(frames), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoder.encode(frames), expected, rtol=1e-5, atol=1e-5)
     assert not encoder.is_random and encoder.dim == model.visual.output_dim
 
 
