@@ -11,13 +11,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.features import open_cache
-from dataset.media import MediaError, read_media
+from dataset.media import MediaError, read_media, sampling_rate
 from dataset.metrics import CAPTION_CATEGORIES, CaptionMetricsUnavailable, caption_scores, exact_match
 from dataset.metrics import normalise  # noqa: F401 -- kept importable as eval.normalise
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
-from model.vision import FrameEncoder
+from model.vision import FrameEncoder, VisionWeightsError
 
 
 class EvalError(Exception):
@@ -104,7 +104,7 @@ def score(session, args):
     data_dir = Path(args.media_root) if args.media_root else Path(args.data_path).parent
     data = ConversationDataset(args.data_path, session.chat, cfg.num_frames, session.model.lm_cfg.max_seq_len,
                                media_root=args.media_root, cache=open_cache(data_dir, cfg, args.feature_dir),
-                               for_generation=True)
+                               for_generation=True, fps=sampling_rate(cfg))
     encoder = session.encoder if data.uncached() else None
     if encoder:
         data.preprocess = encoder.pixels
@@ -165,9 +165,10 @@ def caption_metrics(preds, categories):
 def chat(session, args):
     """Interactive (or single --prompt) conversation; the media stays part of every turn."""
     media, markers = [], ""
+    cfg = session.model.vision_cfg
     for kind, path in (("image", args.image), ("video", args.video)):
         if path:
-            frames = read_media(path, kind, session.model.vision_cfg.num_frames)
+            frames = read_media(path, kind, cfg.num_frames, sampling_rate(cfg))
             media.append(("features", session.encoder.encode(frames)))
             markers += f"<{kind}>\n"
     frames, mask = frames_and_mask(media, None, args.device)
@@ -204,7 +205,8 @@ def main(argv=None):
             score(session, args)
         else:
             chat(session, args)
-    except (EvalError, CheckpointError, MediaError, BadSample, TokenizerError, FileNotFoundError) as e:
+    except (EvalError, CheckpointError, MediaError, BadSample, TokenizerError, VisionWeightsError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -22,16 +22,20 @@ from tqdm import tqdm
 from dataset.features import open_cache
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import VISION_PAD, BadSample, ChatEncoder, TokenizerError, load_tokenizer
-from dataset.media import MediaError
+from dataset.media import SAMPLING_MODES, MediaError, sampling_rate
 from model.checkpoint import CheckpointError, atomic_write, find_checkpoint, load_weights, read_metadata, save_checkpoint
 from model.config import LMConfig, VisionConfig, config_from_dict
 from model.convert import ConversionError, grow_vocab, load_into, read_lm
-from model.vision import FrameEncoder, encoder_cache_tag
+from model.vision import FrameEncoder, VisionWeightsError
 from model.vlm import VideoLLM
 
 STAGE_PREFIX = {"pretrain": "pretrain_vlm", "image": "sft_image", "video": "sft_video"}
 PARTS = ("summary", "projector", "lm")
 MAX_BAD_STEPS = 5   # non-finite losses in a row before the run stops
+# Vision settings a stage may change when it starts --from_weight: which weights file holds the
+# frozen tower, and how video frames are sampled (image stages never sample; the video stage
+# decides, and its checkpoint records what it used, so eval samples the same way).
+STAGE_SETTINGS = {"clip_pretrained", "frame_sampling", "sample_fps"}
 
 
 class TrainingError(Exception):
@@ -72,8 +76,12 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
                        ("clip_image_size", int)]:
         a(f"--{name}", type=kind, default=None)
     a("--clip_pretrained", default=None, help="open_clip pretrained tag or local weights file")
+    a("--frame_sampling", choices=SAMPLING_MODES, default=None,
+      help="video frames: uniform over the clip (default), or fps: --sample_fps a second, at most --num_frames")
+    a("--sample_fps", type=float, default=None, help="frames a second for --frame_sampling fps")
     a("--max_len", type=int, default=512, help="longest sample in tokens; longer ones are skipped")
-    a("--feature_dir", default=None, help="feature cache folder (default: <data dir>/features/<encoder>-f<T>; 'none' disables)")
+    a("--feature_dir", default=None,
+      help="feature cache folder (default: <data dir>/features/<encoder>-f<T>[-fps<F>]; 'none' disables)")
     a("--save_every", type=int, default=0, help="steps between checkpoint + resume-state saves (0: end only)")
     a("--save_name", default=None, help="checkpoint file stem (default: <stage prefix>_<hidden_size>)")
     a("--resume", action="store_true", help="continue from <save_name>.resume.pt in --out_dir")
@@ -145,11 +153,14 @@ def resolve_configs(args):
     """(lm_cfg, vision_cfg, checkpoint path or None, LM state or None): from the flags, from
     --from_weight's metadata, or (LM only) from --from_lm's weights.
 
-    Flags may not contradict a checkpoint's config; the weights are loaded later, once the
-    encoder has fixed the CLIP feature width.
+    Flags may not contradict a checkpoint's config, except those in STAGE_SETTINGS; the weights
+    are loaded later, once the encoder has fixed the CLIP feature width.
     """
     lm_flags = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name, None) is not None}
     vis_flags = {f.name: getattr(args, f.name) for f in fields(VisionConfig) if getattr(args, f.name, None) is not None}
+    if vis_flags.get("frame_sampling") == "uniform":   # a checkpoint's fps rate does not carry over
+        vis_flags.setdefault("sample_fps", 0.0)
+    lm_state = None
     if args.from_lm:
         if args.from_weight:
             raise TrainingError("--from_lm and --from_weight both given: pick one")
@@ -159,25 +170,30 @@ def resolve_configs(args):
         clash = {k: (v, getattr(lm_cfg, k)) for k, v in lm_flags.items() if getattr(lm_cfg, k) != v}
         if clash:
             raise TrainingError(f"{args.from_lm}: flags contradict the LM's config (flag, weights): {clash}")
-        return lm_cfg, VisionConfig(**vis_flags), None, lm_state
-    if args.from_weight:
+        vis_cfg, path = VisionConfig(**vis_flags), None
+    elif args.from_weight:
         path = find_checkpoint(args.from_weight, args.out_dir)
         meta = read_metadata(path)
         lm_cfg = config_from_dict(LMConfig, json.loads(meta["lm_config"]))
         vis_cfg = config_from_dict(VisionConfig, json.loads(meta["vision_config"]))
         for cfg, flags in ((lm_cfg, lm_flags), (vis_cfg, vis_flags)):
             clash = {k: (v, getattr(cfg, k)) for k, v in flags.items()
-                     if k != "clip_pretrained" and getattr(cfg, k) != v}
+                     if k not in STAGE_SETTINGS and getattr(cfg, k) != v}
             if clash:
                 raise TrainingError(f"{path}: flags contradict the checkpoint's config "
                                     f"(flag, checkpoint): {clash}")
-        if args.clip_pretrained:
-            vis_cfg.clip_pretrained = args.clip_pretrained
-        return lm_cfg, vis_cfg, path, None
-    if "intermediate_size" not in lm_flags and "hidden_size" in lm_flags:
-        # SwiGLU width ≈ 8/3 × hidden, rounded up to a multiple of 64 (MiniMind's rule: 512 → 1408).
-        lm_flags["intermediate_size"] = 64 * math.ceil(lm_flags["hidden_size"] * 8 / 3 / 64)
-    return LMConfig(**lm_flags), VisionConfig(**vis_flags), None, None
+        for name in STAGE_SETTINGS & set(vis_flags):
+            setattr(vis_cfg, name, vis_flags[name])
+    else:
+        if "intermediate_size" not in lm_flags and "hidden_size" in lm_flags:
+            # SwiGLU width ≈ 8/3 × hidden, rounded up to a multiple of 64 (MiniMind's rule: 512 → 1408).
+            lm_flags["intermediate_size"] = 64 * math.ceil(lm_flags["hidden_size"] * 8 / 3 / 64)
+        lm_cfg, vis_cfg, path = LMConfig(**lm_flags), VisionConfig(**vis_flags), None
+    try:
+        sampling_rate(vis_cfg)
+    except ValueError as e:
+        raise TrainingError(f"--frame_sampling/--sample_fps: {e}") from None
+    return lm_cfg, vis_cfg, path, lm_state
 
 
 def fit_lm_vocab(lm_cfg, lm_state, tokenizer, source):
@@ -207,7 +223,7 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
     data_dir = Path(args.media_root) if args.media_root else Path(args.data_path).parent
     cache = open_cache(data_dir, cfg, args.feature_dir)
     common = dict(chat=chat, num_frames=cfg.num_frames, max_len=args.max_len,
-                  media_root=args.media_root, cache=cache)
+                  media_root=args.media_root, cache=cache, fps=sampling_rate(cfg))
     train = ConversationDataset(args.data_path, **common)
     if args.val_path:
         val = ConversationDataset(args.val_path, **common)
@@ -492,7 +508,7 @@ def main(stages, lr: float, epochs: int, batch_size: int):
     try:
         Trainer(args, getattr(args, "stage", stages[0])).run()
     except (TrainingError, CheckpointError, ConversionError, TokenizerError, BadSample, MediaError,
-            FileNotFoundError) as e:
+            VisionWeightsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

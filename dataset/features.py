@@ -1,6 +1,7 @@
 """Feature cache: per-media frame CLS features (T, d) in fp16 safetensors shards with a manifest.
 
-One folder per (encoder, frame count): <data dir>/features/<encoder tag>-f<T>/, holding
+One folder per (encoder, frame count, frame sampling): <data dir>/features/<encoder tag>-f<T>/
+for uniform sampling, <encoder tag>-f<T>-fps<F>/ for sampling at F frames a second, holding
 shard_*.safetensors and manifest.json {media path: shard name}. Media paths are the jsonl's own
 strings, so the cache moves with the dataset folder.
 """
@@ -16,16 +17,20 @@ from model.checkpoint import atomic_write
 MANIFEST = "manifest.json"
 
 
-def cache_folder(data_dir, encoder_tag: str, num_frames: int) -> Path:
-    return Path(data_dir) / "features" / f"{encoder_tag}-f{num_frames}"
+def cache_folder(data_dir, cfg) -> Path:
+    """The cache folder for a VisionConfig's encoder, frame count and frame sampling."""
+    from dataset.media import sampling_rate
+    from model.vision import encoder_cache_tag
+    fps = sampling_rate(cfg)
+    sampling = "" if fps is None else f"-fps{fps:g}"
+    return Path(data_dir) / "features" / f"{encoder_cache_tag(cfg)}-f{cfg.num_frames}{sampling}"
 
 
 def open_cache(data_dir, cfg, feature_dir=None):
-    """The cache for this encoder + frame count under data_dir (or feature_dir), None if absent or 'none'."""
-    from model.vision import encoder_cache_tag
+    """The cache for this encoder + frame sampling under data_dir (or feature_dir), None if absent or 'none'."""
     if feature_dir == "none":
         return None
-    folder = Path(feature_dir) if feature_dir else cache_folder(data_dir, encoder_cache_tag(cfg), cfg.num_frames)
+    folder = Path(feature_dir) if feature_dir else cache_folder(data_dir, cfg)
     return FeatureCache(folder) if (folder / MANIFEST).exists() else None
 
 

@@ -1,4 +1,4 @@
-"""Media → frames: decord uniform sampling for videos, PIL for images (an image is a 1-frame video)."""
+"""Media → frames: decord sampling (uniform, or at a frame rate) for videos, PIL for images (an image is a 1-frame video)."""
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,9 +14,61 @@ class MediaError(Exception):
     """Unreadable media; the message names the file and the problem in one line."""
 
 
+SAMPLING_MODES = ("uniform", "fps")
+# Files store frame times rounded (whole ms in mkv/webm; decord hands them over as float32), so a
+# sampling instant that falls on a frame boundary is nudged by this much to land on the later frame.
+TIME_SLACK_S = 1e-4
+
+
 def uniform_indices(total: int, num: int) -> np.ndarray:
     """The centre frame of each of `num` equal segments (repeats frames if the clip is shorter)."""
     return ((np.arange(num) + 0.5) * total / num).astype(np.int64).clip(0, total - 1)
+
+
+def sample_frames(total: int, native_fps: float, num_frames: int, fps=None, times=None) -> np.ndarray:
+    """Exactly `num_frames` frame indices, in order.
+
+    fps=None: uniform over the clip (uniform_indices). fps set: the frame on screen at t = 0,
+    1/fps, 2/fps, ... seconds, each frame at most once (never faster than the clip's own rate);
+    when that gives more than num_frames, the cap binds and the frames are spread uniformly over
+    the whole clip instead. A clip too short to give num_frames at that rate has those frames
+    repeated in order, spread over the num_frames slots as uniform_indices spreads a short clip,
+    because VideoSummary and the feature cache use a fixed T.
+    times: (total, 2) start/end seconds of each frame as the file stores them (decord's
+    get_frame_timestamp), so a variable-frame-rate clip is sampled by its real clock; without
+    them the clip is taken to run at a constant native_fps.
+    """
+    if fps is None:
+        return uniform_indices(total, num_frames)
+    if not fps > 0:
+        raise ValueError(f"fps sampling needs a positive rate, got {fps}")
+    if times is None:
+        if not native_fps > 0:
+            raise ValueError(f"fps sampling needs the clip's frame times or its frame rate, got {native_fps}")
+        starts, duration = np.arange(total) / native_fps, total / native_fps
+    else:
+        times = np.asarray(times, dtype=np.float64)
+        starts, duration = times[:, 0], times[-1, 1]
+    clock = np.arange(int(np.ceil((duration - TIME_SLACK_S) * fps))) / fps
+    on_screen = np.searchsorted(starts, clock + TIME_SLACK_S, side="right") - 1
+    at_rate = np.unique(on_screen.clip(0, total - 1))
+    if len(at_rate) > num_frames:
+        return uniform_indices(total, num_frames)
+    return at_rate[uniform_indices(len(at_rate), num_frames)]
+
+
+def sampling_rate(cfg):
+    """The `fps` argument read_video takes for a VisionConfig's sampling: None (uniform) or the rate."""
+    mode, sample_fps = cfg.frame_sampling, cfg.sample_fps
+    if mode == "uniform":
+        if sample_fps:
+            raise ValueError(f"sample_fps={sample_fps} is only used with frame_sampling 'fps'")
+        return None
+    if mode == "fps":
+        if not sample_fps > 0:
+            raise ValueError("frame_sampling 'fps' needs sample_fps > 0")
+        return float(sample_fps)
+    raise ValueError(f"frame_sampling must be one of {SAMPLING_MODES}, got {mode!r}")
 
 
 @contextmanager
@@ -33,8 +85,8 @@ def native_stderr_silenced():
         os.close(devnull)
 
 
-def read_video(path, num_frames: int) -> np.ndarray:
-    """uint8 (num_frames, H, W, 3) sampled uniformly over the whole clip."""
+def read_video(path, num_frames: int, fps=None) -> np.ndarray:
+    """uint8 (num_frames, H, W, 3): uniform over the whole clip, or at `fps` (see sample_frames)."""
     path = str(path)
     if not Path(path).is_file():
         raise MediaError(f"{path}: video file not found")
@@ -45,7 +97,14 @@ def read_video(path, num_frames: int) -> np.ndarray:
         total = len(reader)
         if total == 0:
             raise MediaError(f"{path}: video has no frames")
-        return reader.get_batch(list(uniform_indices(total, num_frames))).asnumpy()
+        native_fps, times = 0.0, None
+        if fps is not None:
+            native_fps, times = reader.get_avg_fps(), reader.get_frame_timestamp(list(range(total)))
+            if not (times[-1, 1] > 0 and np.all(np.diff(times[:, 0]) >= 0)):
+                times = None   # unusable stored times: fall back to the average frame rate
+            if times is None and not native_fps > 0:
+                raise MediaError(f"{path}: frame times unknown, cannot sample at {fps:g} fps")
+        return reader.get_batch(list(sample_frames(total, native_fps, num_frames, fps, times))).asnumpy()
     except MediaError:
         raise
     except Exception as e:   # decord raises its own error types for corrupt or non-video files
@@ -93,5 +152,5 @@ def probe_media(path, kind: str) -> None:
         raise MediaError(f"{path}: cannot open {kind} ({first_line[:120]})") from None
 
 
-def read_media(path, kind: str, num_frames: int) -> np.ndarray:
-    return read_video(path, num_frames) if kind == "video" else read_image(path)
+def read_media(path, kind: str, num_frames: int, fps=None) -> np.ndarray:
+    return read_video(path, num_frames, fps) if kind == "video" else read_image(path)

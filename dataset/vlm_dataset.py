@@ -57,10 +57,11 @@ class ConversationDataset(Dataset):
     """
 
     def __init__(self, jsonl_path, chat, num_frames: int, max_len: int, media_root=None,
-                 cache=None, preprocess=None, for_generation=False, strict=False):
+                 cache=None, preprocess=None, for_generation=False, strict=False, fps=None):
         self.path = str(jsonl_path)
         self.rows = read_jsonl(jsonl_path)
         self.chat, self.num_frames, self.max_len = chat, num_frames, max_len
+        self.fps = fps   # None: uniform frame sampling; else frames a second (dataset/media.py)
         self.media_root = Path(media_root) if media_root else Path(jsonl_path).parent
         self.cache, self.preprocess = cache, preprocess
         self.for_generation, self.strict = for_generation, strict
@@ -125,7 +126,7 @@ class ConversationDataset(Dataset):
                 continue
             if self.preprocess is None:
                 raise BadSample(f"{rel}: not in the feature cache and no encoder to compute it")
-            frames = read_media(self.media_root / rel, kind, self.num_frames)
+            frames = read_media(self.media_root / rel, kind, self.num_frames, self.fps)
             media.append(("pixels", self.preprocess(frames)))
         return media
 

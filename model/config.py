@@ -25,6 +25,8 @@ class VisionConfig:
     clip_image_size: int = 0         # 0 keeps the architecture's own input size
     clip_dim: int = 384              # width of the encoder's pooled output (set from the encoder)
     num_frames: int = 8              # frames sampled per video, identical in training and eval
+    frame_sampling: str = "uniform"  # "uniform" over the clip, or "fps": sample_fps a second, at most num_frames
+    sample_fps: float = 0.0          # the rate for "fps" sampling (dataset/media.py sample_frames)
     summary: str = "temporal"        # "temporal" (sees frame order) or "mean" (ablation)
     num_visual_tokens: int = 8       # K tokens per image or video handed to the LM
     summary_dim: int = 256

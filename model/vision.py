@@ -1,5 +1,6 @@
 """The frozen open_clip image tower: build it, load its weights (tag or local file), turn frames into CLS features."""
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -20,23 +21,91 @@ def register_local_configs():
             open_clip.add_model_config(path)
 
 
-def create_clip(model_name: str, image_size: int = 0, pretrained_tag: str = ""):
-    """An open_clip CLIP model (random init unless a hub tag is given) and its eval transform."""
+class VisionWeightsError(ValueError):
+    """Vision weights that cannot be used as asked; the message names the file or tag and the problem."""
+
+
+def check_pretrained_tag(model_name: str, tag: str) -> dict:
+    """open_clip's config for a pretrained tag of this model; refuses an unknown tag or an activation mismatch."""
+    import open_clip
+    from open_clip.pretrained import get_pretrained_cfg
+    tag_cfg = get_pretrained_cfg(model_name, tag)
+    if not tag_cfg:
+        known = open_clip.list_pretrained_tags_by_model(model_name)
+        raise VisionWeightsError(f"{model_name}: no pretrained tag {tag!r} in open_clip "
+                                 f"(known: {', '.join(known) or 'none'})")
+    # open_clip only warns here, and the weights then run through the wrong activation.
+    model_quick_gelu = (open_clip.get_model_config(model_name) or {}).get("quick_gelu", False)
+    if tag_cfg.get("quick_gelu", False) != model_quick_gelu:
+        other = model_name.removesuffix("-quickgelu") if model_quick_gelu else f"{model_name}-quickgelu"
+        raise VisionWeightsError(f"{model_name}/{tag}: the tag was trained with"
+                                 f"{'' if tag_cfg.get('quick_gelu') else 'out'} QuickGELU; "
+                                 f"use --clip_model {other}")
+    return tag_cfg
+
+
+def create_clip(model_name: str, image_size: int = 0, pretrained_tag: str = "", preprocess_cfg=None,
+                cache_dir=None):
+    """An open_clip CLIP model (random init unless a hub tag is given) and its eval transform.
+
+    preprocess_cfg: the preprocessing stored with local weights (mean, std, interpolation, resize
+    mode of the tag they came from); it replaces the architecture's default transform.
+    cache_dir: where open_clip keeps downloaded checkpoints (None: its default).
+    """
     import logging
     import open_clip
     register_local_configs()
     if model_name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model_name!r}")
+        raise VisionWeightsError(f"unknown open_clip model {model_name!r}")
+    if pretrained_tag:
+        check_pretrained_tag(model_name, pretrained_tag)
     kwargs = {"force_image_size": image_size} if image_size else {}
     # open_clip warns "initialized randomly" whenever no tag is given; we load weights ourselves.
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained_tag or None, **kwargs)
+            model_name, pretrained=pretrained_tag or None, cache_dir=cache_dir, **kwargs)
     finally:
         logging.getLogger().setLevel(level)
+    if preprocess_cfg:
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+        # The input size is the model's own; only how pixels get there comes from the file.
+        merged = {**model.visual.preprocess_cfg, **{k: v for k, v in preprocess_cfg.items() if k != "size"}}
+        preprocess = image_transform_v2(PreprocessCfg(**merged), is_train=False)
     return model, preprocess
+
+
+def size_text(size) -> str:
+    """224 or (224, 224) → "224"; (224, 336) → "224x336": how weights files record their input size."""
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return str(height) if height == width else f"{height}x{width}"
+
+
+def save_image_tower(model, out_path, **meta):
+    """Write the image tower's `visual.*` weights, its input size and its preprocessing to a safetensors file.
+
+    meta: clip_model, pretrained, random_init, ... (stored as strings in the metadata).
+    """
+    from safetensors.torch import save_file
+    from model.checkpoint import atomic_write   # here: model.checkpoint imports the model package
+    state = {f"visual.{k}": v.detach().contiguous().cpu() for k, v in model.visual.state_dict().items()}
+    preprocess_cfg = dict(model.visual.preprocess_cfg)
+    meta = {**{k: str(v) for k, v in meta.items()}, "image_size": size_text(preprocess_cfg["size"]),
+            "preprocess_cfg": json.dumps(preprocess_cfg)}
+    atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def read_weights_metadata(path: str) -> dict:
+    """The metadata of a local safetensors weights file ({} for other formats)."""
+    if not path.endswith(".safetensors") or not os.path.exists(path):
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception as e:
+        raise VisionWeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
 def save_random_tower(model_name: str, image_size: int, seed: int, out_path: str):
@@ -49,21 +118,16 @@ def save_random_tower(model_name: str, image_size: int, seed: int, out_path: str
     sin-cos table instead (the probe then reads position at 100%).
     """
     from open_clip.pos_embed import get_2d_sincos_pos_embed
-    from safetensors.torch import save_file
     torch.manual_seed(seed)
     model, _ = create_clip(model_name, image_size)
     pos = model.visual.positional_embedding
     grid = int(round((pos.shape[0] - 1) ** 0.5))
     if grid * grid != pos.shape[0] - 1:
-        raise ValueError(f"{model_name} at {image_size}px: the random stand-in needs a square patch grid")
+        raise VisionWeightsError(f"{model_name} at {image_size}px: the random stand-in needs a square patch grid")
     with torch.no_grad():
         pos.copy_(torch.from_numpy(get_2d_sincos_pos_embed(pos.shape[1], grid, cls_token=True)))
-    state = {f"visual.{k}": v.contiguous() for k, v in model.visual.state_dict().items()}
-    meta = {"random_init": "true", "seed": str(seed), "clip_model": model_name,
-            "image_size": str(image_size), "positional_embedding": "2d-sincos"}
-    tmp = f"{out_path}.tmp"
-    save_file(state, tmp, metadata=meta)
-    os.replace(tmp, out_path)
+    save_image_tower(model, out_path, random_init="true", seed=seed, clip_model=model_name,
+                     positional_embedding="2d-sincos")
 
 
 def _load_local_weights(model, path: str):
@@ -75,19 +139,20 @@ def _load_local_weights(model, path: str):
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if all(k.startswith("visual.") for k in state):
-        visual = {k.removeprefix("visual."): v for k, v in state.items()}
-        model.visual.load_state_dict(visual, strict=True)
-    else:
-        model.load_state_dict(state, strict=True)
+    try:
+        if all(k.startswith("visual.") for k in state):
+            visual = {k.removeprefix("visual."): v for k, v in state.items()}
+            model.visual.load_state_dict(visual, strict=True)
+        else:
+            model.load_state_dict(state, strict=True)
+    except RuntimeError as e:   # torch lists every mismatch over many lines; the first says enough
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise VisionWeightsError(f"{path}: weights do not fit the configured tower "
+                                 f"({(lines[1] if len(lines) > 1 else lines[0])[:160]})") from None
 
 
 def weights_are_random(path: str) -> bool:
-    if not path.endswith(".safetensors") or not os.path.exists(path):
-        return False
-    from safetensors import safe_open
-    with safe_open(path, "pt") as f:
-        return (f.metadata() or {}).get("random_init") == "true"
+    return read_weights_metadata(path).get("random_init") == "true"
 
 
 class FrameEncoder:
@@ -102,8 +167,17 @@ class FrameEncoder:
         if is_file and not os.path.exists(source):
             raise FileNotFoundError(f"{source}: vision weights file not found "
                                     f"(make it with scripts/make_random_vision.py or download_vision.py)")
+        meta = read_weights_metadata(source) if is_file else {}
+        if meta.get("clip_model", cfg.clip_model) != cfg.clip_model:
+            raise VisionWeightsError(f"{source}: weights of {meta['clip_model']}, but the config names "
+                                     f"{cfg.clip_model} (pass --clip_model {meta['clip_model']})")
+        stored_preprocess = json.loads(meta["preprocess_cfg"]) if "preprocess_cfg" in meta else None
         model, self.preprocess = create_clip(cfg.clip_model, cfg.clip_image_size,
-                                             "" if is_file else source)
+                                             "" if is_file else source, stored_preprocess)
+        if "image_size" in meta and meta["image_size"] != size_text(model.visual.preprocess_cfg["size"]):
+            raise VisionWeightsError(f"{source}: weights for {meta['image_size']} px input, but the config "
+                                     f"asks {size_text(model.visual.preprocess_cfg['size'])} px "
+                                     f"(pass --clip_image_size {meta['image_size'].split('x')[0]})")
         if is_file:
             _load_local_weights(model, source)
         self.tower = model.visual.eval().requires_grad_(False).to(device)
@@ -113,7 +187,8 @@ class FrameEncoder:
         self.cache_tag = encoder_cache_tag(cfg)
 
     def pixels(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (T,H,W,3) → float (T,3,S,S) with the model's own open_clip transform."""
+        """uint8 (T,H,W,3), any size and aspect → float (T,3,S,S) through open_clip's eval transform
+        for this model (or the one stored with its weights): resize mode, interpolation, mean/std."""
         return torch.stack([self.preprocess(Image.fromarray(f)) for f in frames])
 
     @torch.no_grad()

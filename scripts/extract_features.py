@@ -9,17 +9,18 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataset.features import FeatureCache, FeatureWriter, cache_folder  # noqa: E402
-from dataset.media import MediaError, read_media  # noqa: E402
+from dataset.media import SAMPLING_MODES, MediaError, read_media, sampling_rate  # noqa: E402
 from dataset.vlm_dataset import as_list, read_jsonl  # noqa: E402
 from model.config import VisionConfig  # noqa: E402
-from model.vision import FrameEncoder, encoder_cache_tag  # noqa: E402
+from model.vision import FrameEncoder  # noqa: E402
 
 
 class MediaPixels(Dataset):
     """(key, pixels or None, error) per media item: decoding and preprocessing run in workers."""
 
-    def __init__(self, items, root, num_frames, preprocess):
+    def __init__(self, items, root, num_frames, fps, preprocess):
         self.items, self.root, self.num_frames, self.preprocess = items, Path(root), num_frames, preprocess
+        self.fps = fps
 
     def __len__(self):
         return len(self.items)
@@ -27,7 +28,7 @@ class MediaPixels(Dataset):
     def __getitem__(self, i):
         kind, key = self.items[i]
         try:
-            return key, self.preprocess(read_media(self.root / key, kind, self.num_frames)), None
+            return key, self.preprocess(read_media(self.root / key, kind, self.num_frames, self.fps)), None
         except MediaError as e:
             return key, None, str(e)
 
@@ -52,7 +53,11 @@ def main():
     p.add_argument("--clip_pretrained", default=VisionConfig.clip_pretrained)
     p.add_argument("--clip_image_size", type=int, default=VisionConfig.clip_image_size)
     p.add_argument("--num_frames", type=int, default=VisionConfig.num_frames)
-    p.add_argument("--out", default=None, help="cache folder (default: <media_root>/features/<encoder>-f<T>)")
+    p.add_argument("--frame_sampling", choices=SAMPLING_MODES, default=VisionConfig.frame_sampling,
+                   help="uniform over the clip, or fps: --sample_fps a second, at most --num_frames")
+    p.add_argument("--sample_fps", type=float, default=VisionConfig.sample_fps)
+    p.add_argument("--out", default=None,
+                   help="cache folder (default: <media_root>/features/<encoder>-f<T>[-fps<F>])")
     p.add_argument("--batch_size", type=int, default=32, help="media items per encoder batch")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -62,15 +67,20 @@ def main():
         sys.exit(f"error: {missing[0]}: no such file")
     root = Path(args.media_root) if args.media_root else Path(args.data[0]).parent
     cfg = VisionConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                       clip_image_size=args.clip_image_size, num_frames=args.num_frames)
-    folder = Path(args.out) if args.out else cache_folder(root, encoder_cache_tag(cfg), cfg.num_frames)
+                       clip_image_size=args.clip_image_size, num_frames=args.num_frames,
+                       frame_sampling=args.frame_sampling, sample_fps=args.sample_fps)
+    try:
+        fps = sampling_rate(cfg)
+    except ValueError as e:
+        sys.exit(f"error: --frame_sampling/--sample_fps: {e}")
+    folder = Path(args.out) if args.out else cache_folder(root, cfg)
     todo = [item for item in collect_media(args.data) if item[1] not in FeatureCache(folder)]
     try:
         encoder = FrameEncoder(cfg, args.device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     writer = FeatureWriter(folder)
-    loader = DataLoader(MediaPixels(todo, root, cfg.num_frames, encoder.pixels), batch_size=args.batch_size,
+    loader = DataLoader(MediaPixels(todo, root, cfg.num_frames, fps, encoder.pixels), batch_size=args.batch_size,
                         num_workers=args.num_workers, collate_fn=list)
     start, frames, failed = time.perf_counter(), 0, 0
     for rows in loader:

@@ -173,7 +173,7 @@ def pick_grid_rows(preds, records, n=GRID_VIDEOS):
     return [(records[chosen[v]["id"]], chosen[v]) for v in order[:n]]
 
 
-def plot_test_grid(rows, data_dir: Path, num_frames: int, path: Path):
+def plot_test_grid(rows, data_dir: Path, num_frames: int, path: Path, fps=None):
     """Each row: 4 of the model's sampled frames, then question / answer / reference (green right, red wrong)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -185,7 +185,7 @@ def plot_test_grid(rows, data_dir: Path, num_frames: int, path: Path):
         ax.axis("off")
     for (record, pred), row in zip(rows, axes):
         try:
-            frames = read_video(data_dir / record["video"], num_frames)
+            frames = read_video(data_dir / record["video"], num_frames, fps)
             picks = np.unique(np.linspace(0, len(frames) - 1, GRID_FRAMES).round().astype(int))
             for ax, i in zip(row, picks):
                 ax.imshow(frames[i])
@@ -415,8 +415,11 @@ def main(argv=None):
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     plot_loss_curves(logs, out_dir / "loss_curves.png")
     records = {r["id"]: r for r in read_jsonl(data_dir / "test.jsonl")}
-    num_frames = ckpt.get("vision", {}).get("num_frames", 8) if ckpt else 8
-    plot_test_grid(pick_grid_rows(preds_t, records), data_dir, num_frames, out_dir / "test_grid.png")
+    from dataset.media import sampling_rate
+    from model.config import VisionConfig, config_from_dict
+    vis_cfg = config_from_dict(VisionConfig, ckpt["vision"]) if ckpt else VisionConfig()
+    plot_test_grid(pick_grid_rows(preds_t, records), data_dir, vis_cfg.num_frames, out_dir / "test_grid.png",
+                   sampling_rate(vis_cfg))
     report = build_report(temporal, mean, preds_t, preds_m, times, rss, ckpt, vision, meta, logs, settings, out_dir)
     (out_dir / "report.md").write_text(report + "\n")
     print(f"report: {out_dir / 'report.md'} (metrics.json, loss_curves.png, test_grid.png beside it)")

@@ -149,9 +149,8 @@ def test_rewriting_a_key_keeps_every_key_readable(tmp_path):
 
 def test_dataset_uses_cached_features_and_pixels_for_the_rest(tmp_path, chat, synthetic, frame_encoder,
                                                               vision_cfg):
-    from model.vision import encoder_cache_tag
     online = frame_encoder.encode(read_video(synthetic / VIDEO, 4))
-    folder = cache_folder(tmp_path, encoder_cache_tag(vision_cfg), 4)
+    folder = cache_folder(tmp_path, vision_cfg)
     writer = FeatureWriter(folder)
     writer.add(VIDEO, online)
     writer.flush()
