@@ -88,6 +88,8 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
     a("--seed", type=int, default=42)
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     a("--num_workers", type=int, default=-1, help="DataLoader workers (-1: 0 when features are cached, else 2)")
+    a("--no_length_grouping", action="store_true",
+      help="batch samples in plain random order (default: alike lengths together, less padding)")
     a("--strict", action="store_true", help="stop at the first unreadable sample instead of skipping it")
     a("--no_progress", action="store_true", help="no tqdm bar")
     return p
@@ -261,17 +263,48 @@ def fit_feature_stats(model, dataset, encoder, seed, max_items=256):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler (also with one process) that can start part-way into an epoch."""
+    """DistributedSampler (also with one process) that can start part-way into an epoch and can
+    batch samples of similar length together.
 
-    def __init__(self, dataset, world, rank, seed):
+    Grouping works on the global order before it is dealt out to ranks, so N processes with
+    batch B see exactly the batches one process with batch N×B would: DDP stays equivalent.
+    """
+
+    def __init__(self, dataset, world, rank, seed, batch_size=1, size_hints=None):
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.global_batch = batch_size * world
+        self.size_hints = size_hints
         self.skip = 0
 
     def __iter__(self):
-        return islice(super().__iter__(), self.skip, None)
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        if self.size_hints is not None:
+            order = group_by_length(order, self.size_hints, self.global_batch, g)
+        order = (order * math.ceil(self.total_size / max(1, len(order))))[:self.total_size]   # pad as DistributedSampler does
+        return islice(iter(order[self.rank:self.total_size:self.num_replicas]), self.skip, None)
 
     def __len__(self):
         return super().__len__() - self.skip
+
+
+def group_by_length(order, size_hints, batch, generator, window_batches=64):
+    """Sort each window of `window_batches` batches by length, cut it into batches, shuffle the batches.
+
+    Padding a batch to its longest sample wastes compute when short and long samples mix (demo
+    video SFT: 41% of the tokens were padding); sorted windows keep each batch alike while the
+    batch order stays random.
+    """
+    window = batch * window_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: size_hints[i], reverse=True)
+        batches += [chunk[i:i + batch] for i in range(0, len(chunk), batch)]
+    # The last (possibly short) batch stays last so every other batch is full.
+    head, tail = (batches[:-1], batches[-1:]) if batches and len(batches[-1]) < batch else (batches, [])
+    shuffled = [head[i] for i in torch.randperm(len(head), generator=generator).tolist()] + tail
+    return [i for b in shuffled for i in b]
 
 
 def lr_at(step: int, total: int, args) -> float:
@@ -322,7 +355,8 @@ class Trainer:
         self.ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) \
             if self.world > 1 else None
         self.optimizer = make_optimizer(model, args, self.device)
-        self.sampler = ResumableSampler(self.train_set, self.world, self.rank, args.seed)
+        self.sampler = ResumableSampler(self.train_set, self.world, self.rank, args.seed, args.batch_size,
+                                        None if args.no_length_grouping else self.train_set.size_hints())
         workers = args.num_workers if args.num_workers >= 0 else (2 if self.encoder else 0)
         pad_id = chat.pad_id
         self.loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,
