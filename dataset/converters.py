@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-from dataset.vlm_dataset import media_pools
+from dataset.vlm_dataset import media_pools, read_jsonl
 from model.chat import MEDIA_MARKER, BadSample, check_turns, marker_kinds
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -103,16 +103,8 @@ def _read_source(path):
             for i, record in enumerate(data):
                 yield f"{path}[{i}]", record if isinstance(record, dict) else "item is not a JSON object"
             return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{n}", f"malformed JSON ({e.msg})"
-                continue
-            yield f"{path}:{n}", record if isinstance(record, dict) else "line is not a JSON object"
+    for n, record in read_jsonl(path):
+        yield f"{path}:{n}", record
 
 
 def read_msvd_mapping(path) -> dict:

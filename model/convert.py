@@ -57,18 +57,24 @@ def _pattern(template: str):
     return re.compile(re.escape(template).replace(re.escape("{n}"), r"(\d+)") + "$")
 
 
-def rename_in(state: dict, names: dict, path) -> dict:
-    """Their keys → ours; any key the map does not know is an error naming it."""
-    patterns = [(_pattern(theirs), ours) for ours, theirs in names.items()]
-    out, unexpected = {}, []
+def _rename(state: dict, pairs) -> tuple:
+    """Rename keys by (source template, target template) pairs → (renamed state, keys no pair matched)."""
+    patterns = [(_pattern(source), target) for source, target in pairs]
+    out, unmatched = {}, []
     for key, tensor in state.items():
-        for pattern, ours in patterns:
+        for pattern, target in patterns:
             m = pattern.match(key)
             if m:
-                out[ours.format(n=m.group(1)) if m.groups() else ours] = tensor
+                out[target.format(n=m.group(1)) if m.groups() else target] = tensor
                 break
         else:
-            unexpected.append(key)
+            unmatched.append(key)
+    return out, unmatched
+
+
+def rename_in(state: dict, names: dict, path) -> dict:
+    """Their keys → ours; any key the map does not know is an error naming it."""
+    out, unexpected = _rename(state, [(theirs, ours) for ours, theirs in names.items()])
     if unexpected:
         raise ConversionError(f"{path}: unexpected keys (parts our LM does not have): {_few(unexpected)}")
     return out
@@ -76,16 +82,9 @@ def rename_in(state: dict, names: dict, path) -> dict:
 
 def rename_out(state: dict, names: dict) -> dict:
     """Our keys → theirs."""
-    patterns = [(_pattern(ours), theirs) for ours, theirs in names.items()]
-    out = {}
-    for key, tensor in state.items():
-        for pattern, theirs in patterns:
-            m = pattern.match(key)
-            if m:
-                out[theirs.format(n=m.group(1)) if m.groups() else theirs] = tensor
-                break
-        else:
-            raise KeyError(f"no export name for {key}")
+    out, unmatched = _rename(state, names.items())
+    if unmatched:
+        raise KeyError(f"no export name for {unmatched[0]}")
     return out
 
 
