@@ -88,8 +88,9 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
     a("--seed", type=int, default=42)
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     a("--num_workers", type=int, default=-1, help="DataLoader workers (-1: 0 when features are cached, else 2)")
-    a("--no_length_grouping", action="store_true",
-      help="batch samples in plain random order (default: alike lengths together, less padding)")
+    a("--group_by_length", action="store_true",
+      help="batch samples of alike length together (less padding; beware templated data, where "
+           "alike length can mean alike question)")
     a("--strict", action="store_true", help="stop at the first unreadable sample instead of skipping it")
     a("--no_progress", action="store_true", help="no tqdm bar")
     return p
@@ -292,9 +293,10 @@ class ResumableSampler(DistributedSampler):
 def group_by_length(order, size_hints, batch, generator, window_batches=64):
     """Sort each window of `window_batches` batches by length, cut it into batches, shuffle the batches.
 
-    Padding a batch to its longest sample wastes compute when short and long samples mix (demo
-    video SFT: 41% of the tokens were padding); sorted windows keep each batch alike while the
-    batch order stays random.
+    Padding a batch to its longest sample wastes compute when short and long samples mix; sorted
+    windows keep each batch alike while the batch order stays random. Off by default: on
+    templated data (like the demo's) alike length means alike question, and batches of one
+    question type learn worse.
     """
     window = batch * window_batches
     batches = []
@@ -356,7 +358,7 @@ class Trainer:
             if self.world > 1 else None
         self.optimizer = make_optimizer(model, args, self.device)
         self.sampler = ResumableSampler(self.train_set, self.world, self.rank, args.seed, args.batch_size,
-                                        None if args.no_length_grouping else self.train_set.size_hints())
+                                        self.train_set.size_hints() if args.group_by_length else None)
         workers = args.num_workers if args.num_workers >= 0 else (2 if self.encoder else 0)
         pad_id = chat.pad_id
         self.loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,

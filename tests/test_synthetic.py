@@ -180,3 +180,20 @@ def test_bad_arguments_are_rejected(tmp_path, bad):
     with pytest.raises(SystemExit) as error:
         ms.parse_args(["--out", str(tmp_path), *bad])
     assert error.value.code == 2
+
+
+def test_ring_is_hollow_and_round():
+    xs, ys = ms.pixel_grid(64)
+    ring = ms.shape_mask("ring", (32.0, 32.0), 40.0, xs, ys)
+    assert not ring[32, 32] and ring[32, 32 + 18] and ring[32 + 18, 32]   # hole in the middle, rim at 18 px
+    assert not ring[32, 32 + 21] and not ring[13, 13]                     # nothing outside the circle
+    disc = ms.shape_mask("circle", (32.0, 32.0), 40.0, xs, ys)
+    assert (ring & ~disc).sum() == 0 and 0.6 < ring.sum() / disc.sum() < 0.75
+
+
+def test_training_draws_sequence_videos_twice_as_often_and_test_does_not():
+    _, train, test, _ = ms.make_all_scenes(seed=3, n_videos=2000, n_images=0, n_test=2000, size=64, frames=8)
+    share = lambda scenes: sum(s.kind == "sequence" for s in scenes) / len(scenes)  # noqa: E731
+    standard = [s for s in test if s.subset == "standard"]
+    assert abs(share(train) - 2 / 5) < 0.04      # weights 1:1:1:2
+    assert abs(share(standard) - 1 / 4) < 0.04   # uniform over the four kinds
