@@ -63,7 +63,7 @@ def draw_answer_grid(rows, path, columns: int):
     if not rows:
         axes[0][0].text(0, 0.5, "nothing to show")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.1)   # "tight" keeps long titles inside the picture
     plt.close(fig)
 
 
