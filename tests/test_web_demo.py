@@ -19,15 +19,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(video_checkpoint):
-    """The demo on 127.0.0.1 (its default host), serving the tiny video checkpoint; (url, out dir)."""
+def server(video_checkpoint, tmp_path_factory):
+    """The demo on 127.0.0.1 (its default host) over an out/ with the tiny video checkpoint and a copy of it
+    under another name; (url, out dir)."""
     pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")
     import web_demo
-    args = web_demo.parse_args(["--weight", video_checkpoint.name, "--out_dir", str(video_checkpoint.parent),
-                                "--port", str(free_port()), "--device", "cpu", "--max_upload_mb", "1"])
+    out = tmp_path_factory.mktemp("web") / "out"
+    out.mkdir()
+    for name in ("sft_video_32", "sft_video_32_copy"):
+        shutil.copy(video_checkpoint, out / f"{name}.safetensors")
+    args = web_demo.parse_args(["--weight", "sft_video_32", "--out_dir", str(out), "--port", str(free_port()),
+                                "--device", "cpu", "--max_upload_mb", "1"])
     assert args.host == "127.0.0.1"
     app, url = web_demo.launch(args, block=False)
-    yield url, video_checkpoint.parent
+    yield url, out
     app.close()
 
 
@@ -147,3 +152,19 @@ def test_bad_uploads_are_one_line_in_the_page(server, synthetic, tmp_path):
     session = web_demo.Models(str(out), "cpu").get(str(out / "sft_video_32.safetensors"))
     with pytest.raises(web_demo.DemoError, match="frames, more than this demo takes"):
         web_demo.load_media(session, synthetic / "videos" / "t00000.mp4", max_video_frames=3)
+
+
+def test_switching_checkpoints_keeps_the_video_and_restarts_the_chat(server, synthetic):
+    from gradio_client import Client, handle_file
+    import web_demo
+    url, out = server
+    assert set(web_demo.list_models(out)) == {"sft_video_32", "sft_video_32_copy"}
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    video = synthetic / "videos" / "t00002.mp4"
+    client.predict(handle_file(str(video)), api_name="/upload")
+    first = client.predict(QUESTION, [], 64, 0, api_name="/ask")[0]
+    chat, gallery, status, info = client.predict(str(out / "sft_video_32_copy.safetensors"), api_name="/switch_model")
+    assert chat == [] and len(gallery) == 4 and "t00002.mp4" in status and "sft_video_32_copy" in info
+    again = client.predict(QUESTION, [], 64, 0, api_name="/ask")[0]
+    # The copy has the same weights: the same answer about the same (kept) video, in a fresh chat.
+    assert len(again) == 2 and text_of(again[-1]["content"]) == text_of(first[-1]["content"])
