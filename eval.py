@@ -17,6 +17,7 @@ from dataset.metrics import normalise  # noqa: F401 -- kept importable as eval.n
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info
 from model.vision import FrameEncoder, VisionWeightsError
 
 
@@ -26,7 +27,12 @@ class EvalError(Exception):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--weight", required=True, help="checkpoint path, or a name in --out_dir (e.g. sft_video_128)")
+    p.add_argument("--weight", default=None,
+                   help="checkpoint path, or a name in --out_dir (e.g. sft_video_128); with --lora: its base "
+                        "(default: the base the adapter names)")
+    p.add_argument("--lora", default=None,
+                   help="LoRA adapter folder (train_sft.py --lora_rank), a path or a name in --out_dir; "
+                        "applied (merged) onto its base checkpoint")
     p.add_argument("--out_dir", default="out")
     p.add_argument("--tokenizer", default=None, help="default: the one named in the checkpoint")
     p.add_argument("--clip_pretrained", default=None, help="override the checkpoint's vision weights (tag or file)")
@@ -46,7 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.weight and not args.lora:
+        p.error("give --weight (a checkpoint) or --lora (an adapter folder)")
+    return args
 
 
 class Session:
@@ -54,9 +63,15 @@ class Session:
 
     def __init__(self, args):
         self.args = args
-        path = find_checkpoint(args.weight, args.out_dir)
-        self.model, meta = load_checkpoint(path, args.device, clip_pretrained=args.clip_pretrained)
-        self.model.eval()
+        weight = find_checkpoint(args.weight, args.out_dir) if args.weight else None
+        adapter = find_adapter(args.lora, args.out_dir) if args.lora else None
+        path = base_of(adapter, weight) if adapter else weight
+        self.model, meta = load_checkpoint(path, "cpu", clip_pretrained=args.clip_pretrained)
+        if adapter:
+            self.model = apply_adapter(self.model, adapter, merge=True)
+            meta = {**meta, **read_info(adapter)}
+        self.model.to(args.device).eval()
+        self.name = f"{adapter} (LoRA on {path.name})" if adapter else str(path)
         tok_path = args.tokenizer or meta.get("tokenizer", "model/tokenizer")
         if not Path(tok_path).is_dir():
             raise EvalError(f"{tok_path}: tokenizer folder not found (pass --tokenizer)")
@@ -70,14 +85,19 @@ class Session:
             self._encoder = FrameEncoder(self.model.vision_cfg, self.args.device)
         return self._encoder
 
-    def generate(self, batch, frames, frame_mask, stream=None):
-        """Greedy or sampled answers for a left-padded batch; `stream(text)` gets deltas of row 0."""
-        gen = torch.Generator(device=self.args.device).manual_seed(self.args.seed)
+    def generate(self, batch, frames, frame_mask, stream=None, **sampling):
+        """Greedy or sampled answers for a left-padded batch; `stream(text)` gets deltas of row 0.
+
+        sampling: max_new_tokens / temperature / top_p / seed for this call (default: the flags).
+        """
+        opts = {k: sampling.get(k) if sampling.get(k) is not None else getattr(self.args, k)
+                for k in ("max_new_tokens", "temperature", "top_p", "seed")}
+        gen = torch.Generator(device=self.args.device).manual_seed(opts["seed"])
         rows = [[] for _ in range(batch["input_ids"].shape[0])]
         shown = ""
         steps = self.model.generate(batch["input_ids"].to(self.args.device), batch["attention_mask"].to(self.args.device),
-                                    frames, frame_mask, self.args.max_new_tokens, self.args.temperature,
-                                    self.args.top_p, eos_id=self.chat.im_end, generator=gen)
+                                    frames, frame_mask, opts["max_new_tokens"], opts["temperature"],
+                                    opts["top_p"], eos_id=self.chat.im_end, generator=gen)
         for token in steps:
             for row, t in zip(rows, token.tolist()):
                 if not row or row[-1] != self.chat.im_end:
@@ -90,6 +110,20 @@ class Session:
         if stream:
             stream(self.tokenizer.decode(rows[0], skip_special_tokens=True)[len(shown):])
         return [self.tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+
+    def load_media(self, path, kind):
+        """(sampled frames as uint8 arrays, their CLIP features): what the model sees of one file."""
+        cfg = self.model.vision_cfg
+        frames = read_media(path, kind, cfg.num_frames, sampling_rate(cfg))
+        return frames, self.encoder.encode(frames)
+
+    def reply(self, conversation, media, stream=None, **sampling):
+        """The assistant's next answer to `conversation` (user/assistant turns; the first user turn carries
+        one <video>/<image> marker per item of `media`, a list of CLIP feature tensors)."""
+        frames, mask = frames_and_mask([("features", m) for m in media], None, self.args.device)
+        ids, _, _ = self.chat.encode(conversation, add_generation_prompt=True)
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.bool)}
+        return self.generate(batch, frames, mask, stream=stream, **sampling)[0]
 
 
 def score(session, args):
@@ -165,13 +199,10 @@ def caption_metrics(preds, categories):
 def chat(session, args):
     """Interactive (or single --prompt) conversation; the media stays part of every turn."""
     media, markers = [], ""
-    cfg = session.model.vision_cfg
     for kind, path in (("image", args.image), ("video", args.video)):
         if path:
-            frames = read_media(path, kind, cfg.num_frames, sampling_rate(cfg))
-            media.append(("features", session.encoder.encode(frames)))
+            media.append(session.load_media(path, kind)[1])
             markers += f"<{kind}>\n"
-    frames, mask = frames_and_mask(media, None, args.device)
     conversation = []
     interactive = args.prompt is None
     if interactive:
@@ -188,9 +219,7 @@ def chat(session, args):
             text = args.prompt
         content = (markers if not conversation else "") + text
         conversation.append({"role": "user", "content": content})
-        ids, _, _ = session.chat.encode(conversation, add_generation_prompt=True)
-        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.bool)}
-        answer = session.generate(batch, frames, mask, stream=lambda s: print(s, end="", flush=True))[0]
+        answer = session.reply(conversation, media, stream=lambda s: print(s, end="", flush=True))
         print()
         conversation.append({"role": "assistant", "content": answer})
         if not interactive:
@@ -205,7 +234,7 @@ def main(argv=None):
             score(session, args)
         else:
             chat(session, args)
-    except (EvalError, CheckpointError, MediaError, BadSample, TokenizerError, VisionWeightsError,
+    except (EvalError, CheckpointError, MediaError, BadSample, TokenizerError, VisionWeightsError, LoraError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

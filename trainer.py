@@ -1,6 +1,7 @@
 """The one training loop behind train_pretrain.py and train_sft.py: data, DDP, schedule, logs, checkpoints, resume."""
 import argparse
 from contextlib import nullcontext
+import importlib
 import json
 import math
 import os
@@ -26,6 +27,8 @@ from dataset.media import SAMPLING_MODES, MediaError, sampling_rate
 from model.checkpoint import CheckpointError, atomic_write, find_checkpoint, load_weights, read_metadata, save_checkpoint
 from model.config import LMConfig, VisionConfig, config_from_dict
 from model.convert import ConversionError, grow_vocab, load_into, read_lm
+from model import lora
+from model.lora import LoraError
 from model.vision import FrameEncoder, VisionWeightsError
 from model.vlm import VideoLLM
 
@@ -93,6 +96,16 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
            "alike length can mean alike question)")
     a("--strict", action="store_true", help="stop at the first unreadable sample instead of skipping it")
     a("--no_progress", action="store_true", help="no tqdm bar")
+    g = p.add_argument_group("LoRA (peft): train adapters on the LM's linear layers, the base stays frozen")
+    g.add_argument("--lora_rank", type=int, default=0, help="adapter rank (0: no LoRA, train the parts in full)")
+    g.add_argument("--lora_alpha", type=float, default=16.0, help="adapter scale is lora_alpha / lora_rank")
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    g.add_argument("--lora_targets", default=",".join(lora.LM_LINEARS), help="comma list of the LM's linear layers")
+    g.add_argument("--qlora", action="store_true", help="4-bit NF4 frozen base (bitsandbytes; CUDA only)")
+    g = p.add_argument_group("experiment trackers: the same per-step records as out/logs/<run>.jsonl")
+    g.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
+    g.add_argument("--swanlab", action="store_true", help="also log to SwanLab")
+    g.add_argument("--tracker_project", default="tiny-video-llm", help="project name in the trackers")
     return p
 
 
@@ -216,6 +229,30 @@ def set_trainable(model, parts):
         raise TrainingError(f"--train_parts: unknown part(s) {sorted(unknown)}; choose from {PARTS}")
     for name in PARTS:
         getattr(model, name).requires_grad_(name in parts)
+
+
+def open_trackers(args, run_name: str) -> list:
+    """The trackers asked for; one that is not installed or cannot start says so in one line and is left out."""
+    trackers = []
+    for flag, package in (("wandb", "wandb"), ("swanlab", "swanlab")):
+        if not getattr(args, flag):
+            continue
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            print(f"note: --{flag}: the {package} package is not installed (pip install {package}); "
+                  f"logging to out/logs only", file=sys.stderr)
+            continue
+        try:
+            module.init(project=args.tracker_project, **{"name" if flag == "wandb" else "experiment_name": run_name},
+                        config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        except Exception as e:   # no network, no login, a refused key: the run goes on without it
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            print(f"note: --{flag}: could not start ({type(e).__name__}: {first_line}); logging to out/logs only",
+                  file=sys.stderr)
+            continue
+        trackers.append(module)
+    return trackers
 
 
 def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
@@ -343,16 +380,25 @@ class Trainer:
             args, vis_cfg, chat, self.device, self.rank, fresh=weight_path is None)
         torch.manual_seed(args.seed)
         model = VideoLLM(lm_cfg, vis_cfg)
+        self.base_sha256 = None
         if weight_path:
             load_weights(model, weight_path)
+            if args.lora_rank:   # the adapter records exactly which base it fits
+                self.base_sha256 = lora.file_sha256(weight_path)
         else:
             fit_feature_stats(model, self.train_set, self.encoder, args.seed)
         if lm_state is not None:
             load_into(model.lm, lm_state, args.from_lm)
-        pretrained = args.from_weight or args.from_lm
-        default_parts = "summary,projector" if (stage == "pretrain" and pretrained) else ",".join(PARTS)
-        self.parts = (args.train_parts or default_parts).split(",")
-        set_trainable(model, self.parts)
+        self.total_params = lora.parameter_count(model)
+        self.peft = None
+        if args.lora_rank or args.qlora:
+            self.parts = self.wrap_lora(model, weight_path)
+        else:
+            pretrained = args.from_weight or args.from_lm
+            default_parts = "summary,projector" if (stage == "pretrain" and pretrained) else ",".join(PARTS)
+            self.parts = (args.train_parts or default_parts).split(",")
+            set_trainable(model, self.parts)
+        self.trainable_params = lora.parameter_count(model, trainable_only=True)
         self.model = model.to(self.device)
         self.ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) \
             if self.world > 1 else None
@@ -361,17 +407,21 @@ class Trainer:
                                         self.train_set.size_hints() if args.group_by_length else None)
         workers = args.num_workers if args.num_workers >= 0 else (2 if self.encoder else 0)
         pad_id = chat.pad_id
+        # Loaders draw their worker seeds from their own generators: the global RNG then feeds only the
+        # model (dropout), so a resumed run makes the same dropout draws as an uninterrupted one.
         self.loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,
                                  collate_fn=partial(collate, pad_id=pad_id), num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False,
+                                 generator=torch.Generator().manual_seed(args.seed + self.rank))
         self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, collate_fn=partial(collate, pad_id=pad_id),
                                      sampler=DistributedSampler(self.val_set, self.world, self.rank, shuffle=False),
-                                     num_workers=workers)
+                                     num_workers=workers, generator=torch.Generator().manual_seed(args.seed))
         steps_per_epoch = math.ceil(len(self.loader) / args.accumulation_steps)
         self.total_steps = args.max_steps or args.epochs * steps_per_epoch
-        name = args.save_name or f"{STAGE_PREFIX[stage]}_{model.lm_cfg.hidden_size}"
+        name = args.save_name or f"{STAGE_PREFIX[stage]}_{model.lm_cfg.hidden_size}" + ("_lora" if self.peft else "")
         self.out_dir = Path(args.out_dir)
-        self.ckpt_path = self.out_dir / f"{name}.safetensors"
+        # A LoRA run writes an adapter folder (peft format) beside its base, not a checkpoint file.
+        self.ckpt_path = self.out_dir / (name if self.peft else f"{name}.safetensors")
         self.resume_path = self.out_dir / f"{name}.resume.pt"
         self.log_path = self.out_dir / "logs" / f"{name}.jsonl"
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
@@ -383,6 +433,25 @@ class Trainer:
         elif self.rank == 0:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
+        self.trackers = open_trackers(args, name) if self.rank == 0 else []
+        if self.rank == 0:
+            print(f"trainable: {self.trainable_params:,} of the model's {self.total_params:,} weights "
+                  f"({100 * self.trainable_params / self.total_params:.2f}%; parts: {','.join(self.parts)})",
+                  file=sys.stderr)
+
+    def wrap_lora(self, model, weight_path):
+        """Adapters on the LM (+ --train_parts in full); returns the parts list recorded in the logs."""
+        args = self.args
+        if not weight_path:
+            raise TrainingError("--lora_rank adapts a trained model: give its checkpoint with --from_weight")
+        if not args.lora_rank:
+            raise TrainingError("--qlora needs --lora_rank (the adapters are what trains)")
+        full_parts = [p for p in (args.train_parts or "").split(",") if p]
+        if args.qlora:
+            lora.quantize_lm_4bit(model, self.device)
+        targets = [t for t in args.lora_targets.split(",") if t]
+        self.peft = lora.wrap(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, full_parts)
+        return [f"lora(r={args.lora_rank}:{'+'.join(targets)})", *full_parts]
 
     # -- state
 
@@ -390,7 +459,10 @@ class Trainer:
         if not self.resume_path.is_file():
             raise TrainingError(f"--resume: {self.resume_path} not found")
         state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
-        self.model.load_state_dict(state["model"])
+        if self.peft:
+            lora.load_adapter_state(self.peft, state["model"], self.resume_path)
+        else:
+            self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         self.skipped, self.bad_steps = state["skipped"], state["bad_steps"]
@@ -409,9 +481,14 @@ class Trainer:
         if self.rank != 0:
             return
         info = dict(stage=self.stage, step=self.step, tokenizer=self.args.tokenizer,
-                    parts=",".join(self.parts), source=self.source)
-        save_checkpoint(self.model, self.ckpt_path, **info)
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    parts=",".join(self.parts), source=self.source, data=self.args.data_path)
+        if self.peft:
+            lora.save_adapter(self.peft, self.ckpt_path, self.source, self.base_sha256, **info)
+            model_state = lora.adapter_state(self.peft)   # the frozen base is reloaded from its checkpoint
+        else:
+            save_checkpoint(self.model, self.ckpt_path, **info)
+            model_state = self.model.state_dict()
+        state = {"model": model_state, "optimizer": self.optimizer.state_dict(),
                  "step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                  "skipped": self.skipped, "bad_steps": self.bad_steps, "rng": rngs}
         atomic_write(self.resume_path, lambda tmp: torch.save(state, tmp))
@@ -507,13 +584,16 @@ class Trainer:
                 self.save()
         bar.close()
         result = {"step": self.step, "skipped": self.skipped, "bad_steps": self.bad_steps,
-                  "val_loss": self.validate()}
+                  "val_loss": self.validate(), "trainable_params": self.trainable_params,
+                  "total_params": self.total_params}
         self.save()
         if self.rank == 0:
             atomic_write(self.out_dir / "logs" / f"{self.ckpt_path.stem}.metrics.json",
                          lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
             print(f"saved {self.ckpt_path} (step {self.step}, val_loss {result['val_loss']:.4f}, "
                   f"skipped samples {self.skipped})")
+            for tracker in self.trackers:
+                tracker.finish()
         if self.world > 1:
             dist.barrier()   # no rank tears the group down while rank 0 is still writing
         return result
@@ -533,6 +613,8 @@ class Trainer:
         if self.rank == 0:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for tracker in self.trackers:
+                tracker.log(dict(record), step=record["step"])
 
 
 def main(stages, lr: float, epochs: int, batch_size: int):
@@ -544,7 +626,7 @@ def main(stages, lr: float, epochs: int, batch_size: int):
     try:
         Trainer(args, getattr(args, "stage", stages[0])).run()
     except (TrainingError, CheckpointError, ConversionError, TokenizerError, BadSample, MediaError,
-            VisionWeightsError, FileNotFoundError) as e:
+            VisionWeightsError, LoraError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -1,6 +1,7 @@
 """Checkpoints: safetensors weights with the model config in the metadata; atomic writes; strict loads."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -28,6 +29,23 @@ def atomic_write(path, write_fn):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_dir(path, write_fn):
+    """write_fn(tmp_folder) then swap it in: readers see the old folder or the new one, never a half one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (path.with_name(f".{path.name}.{tag}{os.getpid()}") for tag in ("tmp", "old"))
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write_fn(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(name: str, out_dir) -> Path:

@@ -1,46 +1,183 @@
-"""Export the language model of one of our checkpoints (+ its tokenizer) as a transformers LlamaForCausalLM folder."""
+"""Export one of our checkpoints as a Hugging Face folder (LlamaForCausalLM LM + tokenizer + the whole video model
++ a model card) and, with --push_to_hub, upload that folder with huggingface_hub."""
 import argparse
+import json
+import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 from model.chat import CHAT_TEMPLATE, TokenizerError, load_tokenizer  # noqa: E402
 from model.checkpoint import CheckpointError, find_checkpoint  # noqa: E402
+from model.config import config_to_dict  # noqa: E402
 from model.convert import ConversionError, read_ours, save_hf_folder  # noqa: E402
+
+VIDEO_MODEL_FILE = "video_llm.safetensors"   # the whole checkpoint, as eval.py / web_demo.py load it
+MAX_STAGES = 10                              # how far the card follows `source` back through earlier stages
+
+
+class ExportError(Exception):
+    """Export or upload that cannot go on; one line naming what is missing."""
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--weight", required=True, help="our checkpoint (path or a name in --out_dir), or an LM file")
-    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files, README.md)")
     p.add_argument("--out_dir", default="out", help="where --weight names are looked up")
     p.add_argument("--tokenizer", default=None, help="default: the one the checkpoint names")
+    p.add_argument("--metrics", default=None,
+                   help="eval metrics json for the card (default: <out_dir>/metrics.json if it names this checkpoint)")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the folder to this Hub repo (user/name)")
+    p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the one `hf auth login` stored)")
     return p.parse_args(argv)
 
 
-def export(weight, out, out_dir="out", tokenizer=None) -> Path:
-    """Write the folder; returns its path (a later --push_to_hub uploads exactly this folder)."""
+# ---------------------------------------------------------------- the model card
+
+def metadata_of(path) -> dict:
     from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def stage_chain(path: Path) -> list:
+    """[(checkpoint path, its metadata)] from this checkpoint back through the `source` each stage started from."""
+    chain, seen = [], set()
+    while (path is not None and path.suffix == ".safetensors" and path.is_file() and len(chain) < MAX_STAGES
+           and path.resolve() not in seen):   # a MiniMind .pth or HF folder source ends the chain
+        seen.add(path.resolve())
+        meta = metadata_of(path)
+        chain.append((path, meta))
+        source = meta.get("source", "")
+        path = next((p for p in (Path(source), path.parent / Path(source).name) if source and p.is_file()), None)
+    return chain
+
+
+def run_metrics(path: Path) -> dict:
+    """The training run's end metrics (out/logs/<name>.metrics.json beside the checkpoint), if kept."""
+    found = path.parent / "logs" / f"{path.stem}.metrics.json"
+    return json.loads(found.read_text()) if found.is_file() else {}
+
+
+def eval_metrics(path: Path, metrics_file, out_dir) -> dict:
+    if metrics_file:
+        if not Path(metrics_file).is_file():
+            raise ExportError(f"{metrics_file}: no such metrics file")
+        return json.loads(Path(metrics_file).read_text())
+    demo = Path(out_dir) / "metrics.json"   # the demo's report metrics, when they are about this checkpoint
+    if demo.is_file():
+        metrics = json.loads(demo.read_text())
+        if metrics.get("checkpoint") == path.stem:
+            return metrics
+    return {}
+
+
+def model_card(path: Path, meta: dict, metrics: dict, lm_cfg) -> str:
+    from report import table, vision_info
+    vision = json.loads(meta["vision_config"]) if "vision_config" in meta else {}
+    encoder = vision_info(vision) if vision else {}
+    rows = []
+    for ckpt, m in reversed(stage_chain(path)):
+        result = run_metrics(ckpt)
+        val = result.get("val_loss")
+        rows.append([f"`{ckpt.stem}`", m.get("stage", "–"), m.get("step", "–"), f"`{m.get('data') or '–'}`",
+                     m.get("parts", "–"), f"{val:.4f}" if isinstance(val, float) else "–"])
+    lines = ["---", "license: mit", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [video-llm, llama, tiny-video-llm]", "---", "", f"# {path.stem}", "",
+             "A tiny video language model from the *tiny video LLM* repo: a Llama-style decoder, a frozen open_clip "
+             "image tower, and a VideoSummary block that turns per-frame CLIP features into a few tokens the "
+             "decoder reads.", "", "## Files", "",
+             "- `config.json`, `model.safetensors`, tokenizer files: the **language model alone** as "
+             "`LlamaForCausalLM` (text in, text out; `AutoModelForCausalLM.from_pretrained`).",
+             f"- `{VIDEO_MODEL_FILE}`: the **whole video model** (LM, VideoSummary, projector; config in its "
+             "safetensors metadata) for the repo's `eval.py --weight` and `scripts/web_demo.py`."]
+    if vision:
+        tower = vision.get("clip_pretrained") or "(none: open_clip random init)"
+        lines += [f"- Not included: the frozen vision tower, open_clip `{vision.get('clip_model')}` "
+                  f"({vision.get('clip_image_size') or 'default'} px) with weights `{tower}`."]
+        if encoder.get("random"):
+            lines += ["", "> **The vision tower this model was trained with is RANDOMLY INITIALISED** (seeded, never "
+                      "trained): its numbers show the pipeline working, not real video understanding."]
+    lines += ["", "## Model", "", table(["setting", "value"], [[f"`{k}`", v] for k, v in config_to_dict(lm_cfg).items()] +
+                                        [[f"vision `{k}`", v] for k, v in vision.items() if k != "clip_pretrained"]),
+              "", "## Training", "", "Stages, first to last (`source` in each checkpoint's metadata):", "",
+              table(["checkpoint", "stage", "optimizer steps", "training data", "trained parts", "final val loss"],
+                    rows), ""]
+    if metrics:
+        lines += ["## Evaluation", "", f"Exact-match accuracy **{metrics.get('accuracy')}** on {metrics.get('n')} "
+                  "held-out questions" + (f" (temporal questions: {metrics['temporal_accuracy']})"
+                                          if metrics.get("temporal_accuracy") is not None else "") + ".", ""]
+        by_category = metrics.get("by_category") or {}
+        if by_category:
+            lines += [table(["category", "accuracy"], [[k, v] for k, v in by_category.items()]), ""]
+        captions = metrics.get("caption_metrics") or {}
+        if captions:
+            lines += ["Captions: " + ", ".join(f"{k} {captions[k]}" for k in ("bleu4", "rouge_l", "cider")
+                                                if k in captions), ""]
+    else:
+        lines += ["## Evaluation", "", "No evaluation metrics were given (`--metrics`).", ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "tok = AutoTokenizer.from_pretrained(REPO)", "lm = AutoModelForCausalLM.from_pretrained(REPO)",
+              "```", "", f"The video model: download `{VIDEO_MODEL_FILE}` and run "
+              f"`python eval.py --weight {VIDEO_MODEL_FILE} --video clip.mp4` in the repo.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- export and upload
+
+def export(weight, out, out_dir="out", tokenizer=None, metrics_file=None) -> Path:
+    """Write the folder; returns its path (a later --push_to_hub uploads exactly this folder)."""
     path = find_checkpoint(weight, out_dir)
     cfg, state = read_ours(path)
+    meta = metadata_of(path)
     if tokenizer is None:
-        with safe_open(str(path), "pt") as f:
-            tokenizer = (f.metadata() or {}).get("tokenizer")
+        tokenizer = meta.get("tokenizer")
         if not tokenizer:
             raise ConversionError(f"{path}: names no tokenizer; pass --tokenizer")
     if not Path(tokenizer).is_dir():
         raise ConversionError(f"{tokenizer}: tokenizer folder not found (pass --tokenizer)")
-    return save_hf_folder(cfg, state, load_tokenizer(tokenizer), out, CHAT_TEMPLATE)
+    folder = save_hf_folder(cfg, state, load_tokenizer(tokenizer), out, CHAT_TEMPLATE)
+    if "vision_config" in meta:   # a whole video model, not an LM-only file
+        shutil.copyfile(path, Path(folder) / VIDEO_MODEL_FILE)
+    card = model_card(path, meta, eval_metrics(path, metrics_file, out_dir), cfg)
+    (Path(folder) / "README.md").write_text(card + "\n")
+    return folder
+
+
+def push_to_hub(folder, repo_id: str, private=False, token=None) -> str:
+    """Create the repo if needed and upload the folder in one commit; returns the repo's URL."""
+    try:
+        from huggingface_hub import HfApi, get_token
+    except ImportError:
+        raise ExportError("--push_to_hub needs huggingface_hub: pip install huggingface_hub") from None
+    token = token or get_token()
+    if not token:
+        raise ExportError("--push_to_hub: no Hugging Face token; run `hf auth login` or set HF_TOKEN")
+    api = HfApi(token=token)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"Upload {Path(folder).name}")
+    except Exception as e:   # no network, a refused token, a bad repo id: one line instead of a traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ExportError(f"--push_to_hub {repo_id}: upload failed ({type(e).__name__}: {first})") from None
+    return str(url)
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        folder = export(args.weight, args.out, args.out_dir, args.tokenizer)
-    except (CheckpointError, ConversionError, TokenizerError) as e:
+        folder = export(args.weight, args.out, args.out_dir, args.tokenizer, args.metrics)
+        print(f"{args.weight} → {folder} (transformers LlamaForCausalLM + {VIDEO_MODEL_FILE} + README.md)")
+        if args.push_to_hub:
+            url = push_to_hub(folder, args.push_to_hub, args.private, args.token)
+            print(f"uploaded {folder} → {url}")
+    except (CheckpointError, ConversionError, TokenizerError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{args.weight} → {folder} (transformers LlamaForCausalLM; load with AutoModelForCausalLM.from_pretrained)")
 
 
 if __name__ == "__main__":

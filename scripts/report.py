@@ -15,6 +15,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from visualize import draw_answer_grid, plot_curves  # noqa: E402
 
 TEMPORAL_CATEGORIES = ["direction", "order"]
 CATEGORY_ORDER = ["colour", "shape", "count", "direction", "order", "caption"]
@@ -118,37 +120,10 @@ def build_metrics(temporal, mean, preds_t, preds_m, times, ckpt, vision):
 
 def plot_loss_curves(logs: dict, path: Path):
     """One panel per stage (the _mean run beside its temporal twin), loss vs step, val_loss as dots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
     groups = {}
     for run in logs:
         groups.setdefault(run.removesuffix("_mean"), []).append(run)
-    n = max(1, len(groups))
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    for ax, (group, runs) in zip(axes[0], groups.items()):
-        for i, run in enumerate(sorted(runs)):
-            rows, colour = logs[run], f"C{i}"
-            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], color=colour, lw=1, label=run)
-            val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-            if val:
-                ax.plot(*zip(*val), "o", color=colour, ms=4, label=f"{run} val")
-        ax.set_yscale("log")
-        plain = FuncFormatter(lambda y, _: f"{y:g}")   # 6.8, not 6.8×10⁰
-        low, high = ax.get_ylim()
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())   # label 2..9 only within a decade
-        ax.set_title(group, fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("loss (per token)")
-    if not logs:
-        axes[0][0].text(0.5, 0.5, "no training logs found", ha="center", transform=axes[0][0].transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_curves(logs, path, groups=groups or None)
 
 
 def pick_grid_rows(preds, records, n=GRID_VIDEOS):
@@ -175,35 +150,19 @@ def pick_grid_rows(preds, records, n=GRID_VIDEOS):
 
 def plot_test_grid(rows, data_dir: Path, num_frames: int, path: Path, fps=None):
     """Each row: 4 of the model's sampled frames, then question / answer / reference (green right, red wrong)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from dataset.media import MediaError, read_video
-    n_rows = max(1, len(rows))
-    fig, axes = plt.subplots(n_rows, GRID_FRAMES, figsize=(2.1 * GRID_FRAMES, 2.45 * n_rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for (record, pred), row in zip(rows, axes):
+    grid = []
+    for record, pred in rows:
+        item = {"frames": None, "colour": "green" if pred["correct"] else "red"}
         try:
-            frames = read_video(data_dir / record["video"], num_frames, fps)
-            picks = np.unique(np.linspace(0, len(frames) - 1, GRID_FRAMES).round().astype(int))
-            for ax, i in zip(row, picks):
-                ax.imshow(frames[i])
-                ax.set_xlabel(f"frame {i + 1}/{len(frames)}", fontsize=7)
-                ax.axis("on")
-                ax.set_xticks([])
-                ax.set_yticks([])
+            item["frames"] = read_video(data_dir / record["video"], num_frames, fps)
         except MediaError as e:
-            row[0].text(0, 0.5, str(e)[:80], fontsize=7)
+            item["error"] = str(e)
         question = record["conversations"][0]["content"].replace("<video>", "").strip()
-        text = (f"{record['id']} [{pred.get('subset') or '-'}]  Q: {question}\n"
-                f"model: {pred['prediction'] or '(empty)'}   |   reference: {pred['reference']}")
-        row[0].set_title(text, loc="left", fontsize=8, color="green" if pred["correct"] else "red")
-    if not rows:
-        axes[0][0].text(0, 0.5, "no predictions to show")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        item["title"] = (f"{record['id']} [{pred.get('subset') or '-'}]  Q: {question}\n"
+                         f"model: {pred['prediction'] or '(empty)'}   |   reference: {pred['reference']}")
+        grid.append(item)
+    draw_answer_grid(grid, path, columns=GRID_FRAMES)
 
 
 # ---------------------------------------------------------------- report.md
