@@ -147,16 +147,14 @@ def warn(message):
 def collate(items, pad_id: int, left_pad=False):
     """Pad ids (right for training, left for generation); keep media in batch order.
 
-    Unusable items are dropped with a warning; batch["skipped"] counts them.
+    Unusable items are dropped with a warning; batch["skipped"] counts them. Padding items (a
+    distributed sampler's empty slots, {"padding": True}) are dropped silently: they are no samples.
     """
-    good = []
-    for item in items:
-        if "error" in item:
-            warn(item["error"])
-        else:
-            good.append(item)
-    batch = {"skipped": len(items) - len(good), "size": len(good),
-             "errors": [item["error"] for item in items if "error" in item]}
+    errors = [item["error"] for item in items if "error" in item]
+    for error in errors:
+        warn(error)
+    good = [item for item in items if "error" not in item and not item.get("padding")]
+    batch = {"skipped": len(errors), "size": len(good), "errors": errors}
     if not good:
         return batch
     width = max(len(it["input_ids"]) for it in good)
