@@ -397,13 +397,14 @@ class Trainer:
         # global RNG (dropout) sees the same draws whether the run was resumed or not.
         self.sampler = ShardSampler(len(self.train_set), self.world, self.rank, args.seed)
         self.loader_rng = torch.Generator()
+        batches = partial(collate, pad_id=self.pad_id, warn_skipped=not args.strict)
         self.loader = DataLoader(Padded(self.train_set), batch_size=args.batch_size, sampler=self.sampler,
-                                 collate_fn=partial(collate, pad_id=self.pad_id), num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", generator=self.loader_rng)
+                                 collate_fn=batches, num_workers=workers, pin_memory=self.device.type == "cuda",
+                                 generator=self.loader_rng)
         self.val_loader = DataLoader(Padded(self.val_set), batch_size=args.batch_size,
                                      sampler=ShardSampler(len(self.val_set), self.world, self.rank, args.seed,
                                                           shuffle=False),
-                                     collate_fn=partial(collate, pad_id=self.pad_id), num_workers=workers,
+                                     collate_fn=batches, num_workers=workers,
                                      generator=torch.Generator().manual_seed(args.seed))
         steps_per_epoch = math.ceil(len(self.loader) / args.accumulation_steps)
         self.total_steps = args.max_steps or args.epochs * steps_per_epoch
@@ -630,6 +631,8 @@ class Trainer:
         self.model.eval()
         loss_total, tokens = 0.0, 0
         for batch in self.val_loader:
+            if self.args.strict:
+                self.stop_on_bad_samples([batch])
             if batch["size"]:
                 loss, count = self.loss_sum(batch)
                 loss_total, tokens = loss_total + float(loss), tokens + int(count)

@@ -69,7 +69,9 @@ def load_torch_file(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if re.search(r"Unsupported operand|String is too long|invalid load key", str(e)):   # not a pickle at all
+            raise CheckpointError(f"{path}: not a readable PyTorch file (not a pickle stream)") from None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
         what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(f"{path}: refused — it holds pickled code or objects{what}, not only tensors; "
                               "it was not run") from None
