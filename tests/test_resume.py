@@ -168,6 +168,13 @@ def saved_run(tmp_path, synthetic, fresh_flags, feature_cache, monkeypatch, caps
     return flags
 
 
+def test_resume_without_a_saved_state_is_one_error_line(tmp_path, synthetic, fresh_flags, feature_cache, monkeypatch,
+                                                         capsys):
+    code, err = train_in_process(monkeypatch, capsys, "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}",
+                                 *fresh_flags, f"--feature_dir={feature_cache}", f"--out_dir={tmp_path}", "--resume")
+    assert code == 1 and err == f"error: --resume: {tmp_path / NAME}.resume.pt not found\n"
+
+
 @pytest.mark.parametrize("change, named", [("--batch_size=2", "batch_size"), ("--seed=1", "seed"),
                                            ("--accumulation_steps=2", "accumulation_steps")])
 def test_resuming_with_settings_that_move_the_data_position_is_refused(saved_run, monkeypatch, capsys, change, named):

@@ -1,5 +1,6 @@
 """The train scripts end to end, as subprocesses with a tiny model: stages, logs, learning, feature
-cache, resume, bad flags, bad samples, and 2-process DDP."""
+cache, bitwise resume, bad flags, --strict from a loader worker, 2-process DDP against one process,
+and the sampler that splits epochs over ranks. (Bad-data corpus: test_bad_data.py; kills: test_resume.py.)"""
 import json
 
 import pytest
@@ -104,13 +105,6 @@ def test_resume_continues_bitwise_where_the_save_left_off_with_fp16_loss_scaling
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_resume_without_a_saved_state_is_a_clean_error(tmp_path, synthetic, fresh_flags, train):
-    result = train("train_sft.py", "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}",
-                   f"--out_dir={tmp_path}", *fresh_flags, "--resume")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "resume.pt" in result.stderr.strip().splitlines()[-1]
-
-
 def test_flag_contradicting_the_checkpoint_is_one_error_line(synthetic, video_checkpoint, weight_flags, train,
                                                             tmp_path):
     result = train("train_sft.py", "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}",
@@ -127,14 +121,6 @@ def bad_video_data(tmp_path, synthetic):
     bad = json.dumps({"id": "bad", "video": "videos/nope.mp4", "conversations": [
         {"role": "user", "content": "<video>\nhi"}, {"role": "assistant", "content": "x"}]})
     return write_lines(tmp_path / "bad.jsonl", first_lines(synthetic / "sft_video.jsonl", 3) + [bad])
-
-
-def test_a_missing_video_is_skipped_and_counted(tmp_path, synthetic, fresh_flags, train):
-    data = bad_video_data(tmp_path, synthetic)
-    ok(train("train_sft.py", "--stage=video", f"--data_path={data}", f"--media_root={synthetic}",
-             f"--out_dir={tmp_path}", *fresh_flags, "--max_steps=1"))
-    assert read_log(tmp_path / "logs" / "sft_video_32.jsonl")[0]["skipped"] == 1
-    assert json.loads((tmp_path / "logs" / "sft_video_32.metrics.json").read_text())["skipped"] == 1
 
 
 def test_strict_stops_at_a_missing_video_with_one_line_even_from_a_loader_worker(
