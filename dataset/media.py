@@ -140,7 +140,20 @@ def read_video(path, num_frames: int, fps=None) -> np.ndarray:
     except MediaError:
         raise
     except Exception as e:   # decord raises its own error types for corrupt or non-video files
-        raise MediaError(f"{path}: cannot decode video ({decoder_message(e)})") from None
+        raise MediaError(f"{path}: {frameless(path) or f'cannot decode video ({decoder_message(e)})'}") from None
+
+
+def frameless(path):
+    """Why a file that opens as a container holds no video frame ("no video stream", "video has no
+    frames"), or None; decord only says it finds no stream with a cryptic index."""
+    try:
+        import av
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream (no frames)"
+            return "video has no frames" if next(container.decode(video=0), None) is None else None
+    except Exception:
+        return None
 
 
 def read_image(path) -> np.ndarray:
@@ -180,7 +193,8 @@ def probe_media(path, kind: str) -> None:
     except MediaError:
         raise
     except Exception as e:
-        raise MediaError(f"{path}: cannot open {kind} ({decoder_message(e)})") from None
+        reason = frameless(path) if kind == "video" else None
+        raise MediaError(f"{path}: {reason or f'cannot open {kind} ({decoder_message(e)})'}") from None
 
 
 def read_media(path, kind: str, num_frames: int, fps=None) -> np.ndarray:

@@ -45,7 +45,7 @@ BAD = {
     "zero-byte file": (record("videos/empty.mp4"), "videos/empty.mp4: empty file"),
     "truncated mp4": (record("videos/truncated.mp4"), "videos/truncated.mp4: cannot decode video"),
     "text file named .mp4": (record("videos/text.mp4"), "videos/text.mp4: cannot decode video"),
-    "0-frame video": (record("videos/no_frames.mp4"), "videos/no_frames.mp4: cannot decode video"),
+    "0-frame video": (record("videos/no_frames.mp4"), "videos/no_frames.mp4: no video stream (no frames)"),
     "missing file": (record("videos/missing.mp4"), "videos/missing.mp4: video file not found"),
     "malformed jsonl line": ('{"id": "x", "video": "videos/v00000.mp4", "conversations": [', "malformed JSON"),
     "wrong role": (record(turns=[{"role": "user", "content": "<video>\nWhat colour?"},
