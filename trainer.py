@@ -140,11 +140,16 @@ def autocast_dtype(flag: str, device):
 
 
 def all_sum(value: float, world: int, device) -> float:
+    return all_sums([value], world, device)[0]
+
+
+def all_sums(values, world: int, device) -> list:
+    """Each value summed over the ranks, in one collective."""
     if world == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def seed_everything(seed: int):
@@ -440,7 +445,8 @@ class Trainer:
         except CheckpointError as e:
             raise TrainingError(f"--resume: {e}") from None
         saved = state.get("run", {})
-        clash = {k: (self.run_settings()[k], saved.get(k)) for k in RESUME_KEYS if saved.get(k) != self.run_settings()[k]}
+        now = self.run_settings()
+        clash = {k: (now[k], saved.get(k)) for k in RESUME_KEYS if saved.get(k) != now[k]}
         if clash:
             raise TrainingError(f"--resume: {self.resume_path} was saved by a run with other settings "
                                 f"(now, saved): {clash}")
@@ -545,14 +551,15 @@ class Trainer:
         while self.step < self.total_steps and not finished:
             t0 = time.perf_counter()
             micro = list(islice(stream, args.accumulation_steps))
-            # Every rank has as many batches (ShardSampler), so this agrees; summed to be sure.
-            finished = all_sum(len(micro) < args.accumulation_steps, self.world, self.device) > 0
             if args.strict:
                 self.stop_on_bad_samples(micro)
-            step_skipped = all_sum(sum(b["skipped"] for b in micro), self.world, self.device)
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["size"])
-            tokens = all_sum(local_tokens, self.world, self.device)   # the loss's denominator
-            seen = all_sum(sum(int(b["attention_mask"].sum()) for b in micro if b["size"]), self.world, self.device)
+            # Summed over ranks, so every rank agrees: whether the data ran out (each rank has as
+            # many batches, ShardSampler), samples skipped, the loss's denominator, tokens seen.
+            ran_out, step_skipped, tokens, seen = all_sums(
+                [len(micro) < args.accumulation_steps, sum(b["skipped"] for b in micro),
+                 sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["size"]),
+                 sum(int(b["attention_mask"].sum()) for b in micro if b["size"])], self.world, self.device)
+            finished = ran_out > 0
             self.skipped += int(step_skipped)
             if tokens == 0:   # nothing to learn from on any rank
                 continue
@@ -636,7 +643,7 @@ class Trainer:
             if batch["size"]:
                 loss, count = self.loss_sum(batch)
                 loss_total, tokens = loss_total + float(loss), tokens + int(count)
-        loss_total, tokens = all_sum(loss_total, self.world, self.device), all_sum(tokens, self.world, self.device)
+        loss_total, tokens = all_sums([loss_total, tokens], self.world, self.device)
         return round(loss_total / tokens, 6) if tokens else float("nan")
 
     def log(self, record):

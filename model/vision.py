@@ -136,7 +136,8 @@ def _load_local_weights(model, path: str):
         from safetensors.torch import load_file
         state = load_file(path)
     else:   # .pt/.pth/.bin: tensors only; a file carrying pickled code is refused unrun
-        from model.checkpoint import CheckpointError, load_torch_file   # here: model.checkpoint imports the model package
+        # imported here: model.checkpoint imports the model package
+        from model.checkpoint import CheckpointError, load_torch_file
         try:
             state = load_torch_file(path)
         except CheckpointError as e:

@@ -62,7 +62,8 @@ def test_extraction_split_over_two_ranks_is_one_cache_and_merges(tmp_path, synth
     second = extract(monkeypatch, capsys, synthetic, vision_file, out, "--rank=1", "--world_size=2")
     assert "part 1/2: 6 new media" in first and "part 2/2: 6 new media" in second
     assert sorted(p.name for p in out.glob("manifest*")) == ["manifest_r0.json", "manifest_r1.json"]
-    assert not set(json.loads((out / "manifest_r0.json").read_text())) & set(json.loads((out / "manifest_r1.json").read_text()))
+    parts = [set(json.loads((out / f"manifest_r{rank}.json").read_text())) for rank in (0, 1)]
+    assert not parts[0] & parts[1]
     assert_same_features(out, feature_cache)   # the parts read as one cache, before any merge
     extract(monkeypatch, capsys, synthetic, vision_file, out, "--merge")
     assert sorted(p.name for p in out.glob("manifest*")) == [MANIFEST]
