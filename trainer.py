@@ -2,6 +2,7 @@
 import argparse
 from contextlib import nullcontext
 import glob
+import inspect
 import json
 import math
 import os
@@ -128,6 +129,14 @@ def setup_distributed(device_flag: str):
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
+
+
+def wrap_ddp(model, device):
+    """DDP without re-sending buffers at every forward: they (feature statistics, RoPE tables) never
+    change in training, and DDP copies rank 0's to every rank at the start."""
+    no_resend = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else "broadcast_buffers"   # its older name
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **{no_resend: False})
 
 
 def autocast_dtype(flag: str, device):
@@ -388,10 +397,7 @@ class Trainer:
         self.parts = (args.train_parts or default_parts).split(",")
         set_trainable(model, self.parts)
         self.model = model.to(self.device)
-        # Buffers (feature statistics, RoPE tables) never change in training and DDP copies rank 0's
-        # at start, so they are not re-broadcast at every forward.
-        self.ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None,
-                                           broadcast_buffers=False) if self.world > 1 else None
+        self.ddp = wrap_ddp(model, self.device) if self.world > 1 else None
         self.optimizer = make_optimizer(model, args, self.device)
         dtype = autocast_dtype(args.dtype, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
@@ -519,13 +525,13 @@ class Trainer:
         return {"input_ids": ids, "labels": torch.full_like(ids, -100), "media": [], "size": 0, "skipped": 0,
                 "errors": []}
 
-    def loss_sum(self, batch):
-        """Summed token loss and token count of one micro-batch (model under DDP if any)."""
+    def loss_sum(self, batch, training=True):
+        """Summed token loss and token count of one micro-batch (in training, through DDP if any)."""
         frames, mask = frames_and_mask(batch["media"], self.encoder, self.device)
-        net = self.ddp or self.model
+        net = (self.ddp if training else None) or self.model
         with self.autocast:
             loss, count = net(batch["input_ids"].to(self.device), batch["labels"].to(self.device), frames, mask)
-        if frames is None and self.ddp is not None:
+        if frames is None and net is self.ddp:
             # DDP expects a gradient for every trainable parameter; a text-only batch gives the
             # vision side none, so it gets an explicit zero.
             loss = loss + 0.0 * sum(p.sum() for p in self.model.parameters() if p.requires_grad)
@@ -640,8 +646,8 @@ class Trainer:
         for batch in self.val_loader:
             if self.args.strict:
                 self.stop_on_bad_samples([batch])
-            if batch["size"]:
-                loss, count = self.loss_sum(batch)
+            if batch["size"]:   # no DDP here: ranks may run different numbers of forwards
+                loss, count = self.loss_sum(batch, training=False)
                 loss_total, tokens = loss_total + float(loss), tokens + int(count)
         loss_total, tokens = all_sums([loss_total, tokens], self.world, self.device)
         return round(loss_total / tokens, 6) if tokens else float("nan")
