@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--metrics_out", default=None, help="batch mode: metrics json")
     p.add_argument("--caption_categories", nargs="+", default=list(CAPTION_CATEGORIES),
                    help="batch mode: categories also scored with BLEU-4 / ROUGE-L / CIDEr (needs pycocoevalcap)")
+    p.add_argument("--strict", action="store_true",
+                   help="batch mode: stop at the first unusable sample (exit 1) instead of skipping and counting it")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -143,9 +145,12 @@ def score(session, args):
     if encoder:
         data.preprocess = encoder.pixels
     loader = DataLoader(data, batch_size=args.batch_size, num_workers=2 if encoder else 0,
-                        collate_fn=partial(collate, pad_id=session.chat.pad_id, left_pad=True))
+                        collate_fn=partial(collate, pad_id=session.chat.pad_id, left_pad=True,
+                                           warn_skipped=not args.strict))
     preds, skipped, start = [], 0, time.perf_counter()
     for batch in loader:
+        if args.strict and batch["errors"]:   # raised here, not in a loader worker: one line, no traceback
+            raise EvalError(batch["errors"][0])
         skipped += batch["skipped"]
         if not batch["size"]:
             continue

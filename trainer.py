@@ -1,7 +1,9 @@
 """The one training loop behind train_pretrain.py and train_sft.py: data, DDP, schedule, logs, checkpoints, resume."""
 import argparse
 from contextlib import nullcontext
+import glob
 import importlib
+import inspect
 import json
 import math
 import os
@@ -17,14 +19,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from dataset.features import open_cache
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import VISION_PAD, BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from dataset.media import SAMPLING_MODES, MediaError, sampling_rate
-from model.checkpoint import CheckpointError, atomic_write, find_checkpoint, load_weights, read_metadata, save_checkpoint
+from model.checkpoint import (CheckpointError, atomic_write, find_checkpoint, load_torch_file, load_weights,
+                              read_metadata, remove_stale_temps, save_checkpoint)
 from model.config import LMConfig, VisionConfig, config_from_dict
 from model.convert import ConversionError, grow_vocab, load_into, read_lm
 from model import lora
@@ -34,11 +37,18 @@ from model.vlm import VideoLLM
 
 STAGE_PREFIX = {"pretrain": "pretrain_vlm", "image": "sft_image", "video": "sft_video"}
 PARTS = ("summary", "projector", "lm")
-MAX_BAD_STEPS = 5   # non-finite losses in a row before the run stops
-# Vision settings a stage may change when it starts --from_weight: which weights file holds the
-# frozen tower, and how video frames are sampled (image stages never sample; the video stage
-# decides, and its checkpoint records what it used, so eval samples the same way).
-STAGE_SETTINGS = {"clip_pretrained", "frame_sampling", "sample_fps"}
+# Settings a stage may change when it starts --from_weight (or --from_lm): which weights file holds
+# the frozen tower, how video frames are sampled (image stages never sample; the video stage
+# decides, and its checkpoint records what it used, so eval samples the same way), and dropout.
+STAGE_SETTINGS = {"clip_pretrained", "frame_sampling", "sample_fps", "dropout"}
+PAD = -1   # a sampler slot holding no sample (see ShardSampler)
+# What a resume state must agree on with the run resuming it: the data position and the per-rank
+# RNG states mean nothing under another split of the data.
+RESUME_KEYS = ("world_size", "batch_size", "accumulation_steps", "seed", "train_samples")
+
+
+class PeerStopped(Exception):
+    """Another rank stopped the run and said why; this rank exits quietly with status 1."""
 
 
 class TrainingError(Exception):
@@ -74,6 +84,7 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
     # Architecture: used when starting fresh; with --from_weight (--from_lm) the checkpoint's (weights') config rules.
     for name, kind in [("hidden_size", int), ("num_layers", int), ("num_heads", int),
                        ("num_kv_heads", int), ("intermediate_size", int), ("vocab_size", int), ("rope_theta", float),
+                       ("dropout", float),
                        ("num_frames", int), ("num_visual_tokens", int), ("summary", str),
                        ("summary_dim", int), ("summary_layers", int), ("clip_model", str),
                        ("clip_image_size", int)]:
@@ -88,6 +99,11 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
     a("--save_every", type=int, default=0, help="steps between checkpoint + resume-state saves (0: end only)")
     a("--save_name", default=None, help="checkpoint file stem (default: <stage prefix>_<hidden_size>)")
     a("--resume", action="store_true", help="continue from <save_name>.resume.pt in --out_dir")
+    a("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+      help="autocast precision (auto: bf16 on CUDA, fp16 with loss scaling where bf16 is unsupported; fp32 on CPU)")
+    a("--grad_checkpointing", action="store_true",
+      help="recompute each LM block's activations in the backward pass: less memory, about a third more compute")
+    a("--max_bad_steps", type=int, default=5, help="steps with a non-finite loss in a row before the run stops")
     a("--seed", type=int, default=42)
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     a("--num_workers", type=int, default=-1, help="DataLoader workers (-1: 0 when features are cached, else 2)")
@@ -124,19 +140,41 @@ def setup_distributed(device_flag: str):
         device = torch.device("cpu")
         # Processes on one machine share its cores; oversubscription is much slower.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if "OMP_NUM_THREADS" not in os.environ:
+        if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
 
 
+def wrap_ddp(model, device):
+    """DDP without re-sending buffers at every forward: they (feature statistics, RoPE tables) never
+    change in training, and DDP copies rank 0's to every rank at the start."""
+    no_resend = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+        DistributedDataParallel.__init__).parameters else "broadcast_buffers"   # its older name
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None, **{no_resend: False})
+
+
+def autocast_dtype(flag: str, device):
+    """The autocast dtype for --dtype on this device (None: plain fp32)."""
+    if flag == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag]
+
+
 def all_sum(value: float, world: int, device) -> float:
+    return all_sums([value], world, device)[0]
+
+
+def all_sums(values, world: int, device) -> list:
+    """Each value summed over the ranks, in one collective."""
     if world == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def seed_everything(seed: int):
@@ -183,9 +221,12 @@ def resolve_configs(args):
         # A MiniMind .pth cannot tell its head count or RoPE base; the flags (or MiniMind2's values) do.
         lm_cfg, lm_state = read_lm(args.from_lm, num_heads=lm_flags.get("num_heads", 8),
                                    rope_theta=lm_flags.get("rope_theta", 1e6))
-        clash = {k: (v, getattr(lm_cfg, k)) for k, v in lm_flags.items() if getattr(lm_cfg, k) != v}
+        clash = {k: (v, getattr(lm_cfg, k)) for k, v in lm_flags.items()
+                 if k not in STAGE_SETTINGS and getattr(lm_cfg, k) != v}
         if clash:
             raise TrainingError(f"{args.from_lm}: flags contradict the LM's config (flag, weights): {clash}")
+        for name in STAGE_SETTINGS & set(lm_flags):
+            setattr(lm_cfg, name, lm_flags[name])
         vis_cfg, path = VisionConfig(**vis_flags), None
     elif args.from_weight:
         path = find_checkpoint(args.from_weight, args.out_dir)
@@ -198,8 +239,9 @@ def resolve_configs(args):
             if clash:
                 raise TrainingError(f"{path}: flags contradict the checkpoint's config "
                                     f"(flag, checkpoint): {clash}")
-        for name in STAGE_SETTINGS & set(vis_flags):
-            setattr(vis_cfg, name, vis_flags[name])
+        for cfg, flags in ((lm_cfg, lm_flags), (vis_cfg, vis_flags)):
+            for name in STAGE_SETTINGS & set(flags):
+                setattr(cfg, name, flags[name])
     else:
         if "intermediate_size" not in lm_flags and "hidden_size" in lm_flags:
             # SwiGLU width ≈ 8/3 × hidden, rounded up to a multiple of 64 (MiniMind's rule: 512 → 1408).
@@ -300,31 +342,57 @@ def fit_feature_stats(model, dataset, encoder, seed, max_items=256):
     model.summary.input_norm.fit(frames[mask])
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (also with one process) that can start part-way into an epoch and can
-    batch samples of similar length together.
+class ShardSampler(Sampler):
+    """This rank's share of an epoch, which can start part-way in (resume).
 
-    Grouping works on the global order before it is dealt out to ranks, so N processes with
-    batch B see exactly the batches one process with batch N×B would: DDP stays equivalent.
+    The epoch's order is a permutation seeded by seed + epoch (reshuffled each epoch, the same on
+    every rank), or 0..n-1 without shuffle. Rank r takes every world-th index from position r, so
+    the k-th batches of all ranks together hold exactly the k-th global batch of world × batch_size
+    a single process would take. When n does not divide by the world size the order is padded with
+    PAD slots (no sample), not with repeated samples as DistributedSampler does: every rank gets as
+    many batches (no rank waits alone in a collective) and no sample counts twice.
+
+    With size_hints (one length per sample) batches of alike length are grouped on the global
+    order, before it is dealt out, so DDP still sees exactly the single-process batches.
     """
 
-    def __init__(self, dataset, world, rank, seed, batch_size=1, size_hints=None):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        self.global_batch = batch_size * world
-        self.size_hints = size_hints
-        self.skip = 0
+    def __init__(self, size: int, world: int, rank: int, seed: int, shuffle=True, batch_size=1, size_hints=None):
+        self.size, self.world, self.rank, self.seed, self.shuffle = size, world, rank, seed, shuffle
+        self.global_batch, self.size_hints = batch_size * world, size_hints
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def share(self) -> list:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g).tolist()
+            if self.size_hints is not None:
+                order = group_by_length(order, self.size_hints, self.global_batch, g)
+        else:
+            order = list(range(self.size))
+        order += [PAD] * (math.ceil(self.size / self.world) * self.world - self.size)
+        return order[self.rank::self.world]
 
     def __iter__(self):
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()
-        if self.size_hints is not None:
-            order = group_by_length(order, self.size_hints, self.global_batch, g)
-        order = (order * math.ceil(self.total_size / max(1, len(order))))[:self.total_size]   # pad as DistributedSampler does
-        return islice(iter(order[self.rank:self.total_size:self.num_replicas]), self.skip, None)
+        return iter(self.share()[self.skip:])
 
     def __len__(self):
-        return super().__len__() - self.skip
+        return max(0, math.ceil(self.size / self.world) - self.skip)
+
+
+class Padded(Dataset):
+    """The dataset, plus {"padding": True} for a PAD slot (collate drops it without counting it)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"padding": True} if i == PAD else self.data[i]
 
 
 def group_by_length(order, size_hints, batch, generator, window_batches=64):
@@ -368,6 +436,8 @@ def make_optimizer(model, args, device):
 class Trainer:
     def __init__(self, args, stage: str):
         self.args, self.stage = args, stage
+        if args.batch_size < 1 or args.accumulation_steps < 1:
+            raise TrainingError("--batch_size and --accumulation_steps must be at least 1")
         self.rank, self.world, self.device = setup_distributed(args.device)
         seed_everything(args.seed)
         self.tokenizer = load_tokenizer(args.tokenizer)
@@ -376,6 +446,7 @@ class Trainer:
         lm_cfg, lm_state = fit_lm_vocab(lm_cfg, lm_state, self.tokenizer, self.source)
         vis_cfg.vision_token_id = self.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
         chat = ChatEncoder(self.tokenizer, vis_cfg.num_visual_tokens)
+        self.pad_id = chat.pad_id
         self.train_set, self.val_set, self.encoder = make_datasets(
             args, vis_cfg, chat, self.device, self.rank, fresh=weight_path is None)
         torch.manual_seed(args.seed)
@@ -389,6 +460,7 @@ class Trainer:
             fit_feature_stats(model, self.train_set, self.encoder, args.seed)
         if lm_state is not None:
             load_into(model.lm, lm_state, args.from_lm)
+        model.lm.grad_checkpointing = args.grad_checkpointing
         self.total_params = lora.parameter_count(model)
         self.peft = None
         if args.lora_rank or args.qlora:
@@ -400,22 +472,27 @@ class Trainer:
             set_trainable(model, self.parts)
         self.trainable_params = lora.parameter_count(model, trainable_only=True)
         self.model = model.to(self.device)
-        self.ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) \
-            if self.world > 1 else None
+        self.ddp = wrap_ddp(model, self.device) if self.world > 1 else None
         self.optimizer = make_optimizer(model, args, self.device)
-        self.sampler = ResumableSampler(self.train_set, self.world, self.rank, args.seed, args.batch_size,
-                                        self.train_set.size_hints() if args.group_by_length else None)
+        dtype = autocast_dtype(args.dtype, self.device)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        # fp16 needs loss scaling (its range is too narrow for small gradients); bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
         workers = args.num_workers if args.num_workers >= 0 else (2 if self.encoder else 0)
-        pad_id = chat.pad_id
-        # Loaders draw their worker seeds from their own generators: the global RNG then feeds only the
-        # model (dropout), so a resumed run makes the same dropout draws as an uninterrupted one.
-        self.loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,
-                                 collate_fn=partial(collate, pad_id=pad_id), num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=False,
-                                 generator=torch.Generator().manual_seed(args.seed + self.rank))
-        self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, collate_fn=partial(collate, pad_id=pad_id),
-                                     sampler=DistributedSampler(self.val_set, self.world, self.rank, shuffle=False),
-                                     num_workers=workers, generator=torch.Generator().manual_seed(args.seed))
+        # The loaders draw their worker seeds from their own generators, not the global RNG, so the
+        # global RNG (dropout) sees the same draws whether the run was resumed or not.
+        self.sampler = ShardSampler(len(self.train_set), self.world, self.rank, args.seed, batch_size=args.batch_size,
+                                    size_hints=self.train_set.size_hints() if args.group_by_length else None)
+        self.loader_rng = torch.Generator()
+        batches = partial(collate, pad_id=self.pad_id, warn_skipped=not args.strict)
+        self.loader = DataLoader(Padded(self.train_set), batch_size=args.batch_size, sampler=self.sampler,
+                                 collate_fn=batches, num_workers=workers, pin_memory=self.device.type == "cuda",
+                                 generator=self.loader_rng)
+        self.val_loader = DataLoader(Padded(self.val_set), batch_size=args.batch_size,
+                                     sampler=ShardSampler(len(self.val_set), self.world, self.rank, args.seed,
+                                                          shuffle=False),
+                                     collate_fn=batches, num_workers=workers,
+                                     generator=torch.Generator().manual_seed(args.seed))
         steps_per_epoch = math.ceil(len(self.loader) / args.accumulation_steps)
         self.total_steps = args.max_steps or args.epochs * steps_per_epoch
         name = args.save_name or f"{STAGE_PREFIX[stage]}_{model.lm_cfg.hidden_size}" + ("_lora" if self.peft else "")
@@ -424,10 +501,12 @@ class Trainer:
         self.ckpt_path = self.out_dir / (name if self.peft else f"{name}.safetensors")
         self.resume_path = self.out_dir / f"{name}.resume.pt"
         self.log_path = self.out_dir / "logs" / f"{name}.jsonl"
+        self.metrics_path = self.out_dir / "logs" / f"{name}.metrics.json"
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.skipped, self.bad_steps, self.bad_in_a_row = 0, 0, 0
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
+        if self.rank == 0:   # what a run killed mid-save left behind
+            for path in (self.ckpt_path, self.resume_path, self.log_path, self.metrics_path):
+                remove_stale_temps(path.parent, glob.escape(path.name))
         if args.resume:
             self.load_resume()
         elif self.rank == 0:
@@ -455,22 +534,56 @@ class Trainer:
 
     # -- state
 
-    def load_resume(self):
+    def run_settings(self) -> dict:
+        return {"world_size": self.world, "batch_size": self.args.batch_size,
+                "accumulation_steps": self.args.accumulation_steps, "seed": self.args.seed,
+                "train_samples": len(self.train_set)}
+
+    def read_resume_state(self) -> dict:
         if not self.resume_path.is_file():
             raise TrainingError(f"--resume: {self.resume_path} not found")
-        state = torch.load(self.resume_path, map_location="cpu", weights_only=True)
+        try:
+            state = load_torch_file(self.resume_path)   # weights_only: a resume file can run no code
+        except CheckpointError as e:
+            raise TrainingError(f"--resume: {e}") from None
+        saved = state.get("run", {})
+        now = self.run_settings()
+        clash = {k: (now[k], saved.get(k)) for k in RESUME_KEYS if saved.get(k) != now[k]}
+        if clash:
+            raise TrainingError(f"--resume: {self.resume_path} was saved by a run with other settings "
+                                f"(now, saved): {clash}")
+        return state
+
+    def load_resume(self):
+        """Rank 0 reads the resume state and hands it to every rank (out_dir need not be shared between nodes)."""
+        state, error = None, None
+        if self.rank == 0:
+            try:
+                state = self.read_resume_state()
+            except TrainingError as e:
+                error = str(e)
+        if self.world > 1:
+            box = [state, error]
+            dist.broadcast_object_list(box, src=0)
+            state, error = box
+        if error:
+            raise TrainingError(error) if self.rank == 0 else PeerStopped()
         if self.peft:
             lora.load_adapter_state(self.peft, state["model"], self.resume_path)
         else:
             self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            if "scaler" not in state:
+                raise TrainingError(f"--resume: {self.resume_path} was saved without fp16 loss scaling; "
+                                    f"resume with the --dtype it was trained with")
+            self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        self.skipped, self.bad_steps = state["skipped"], state["bad_steps"]
-        set_rng_state(state["rng"][self.rank] if isinstance(state["rng"], list) else state["rng"])
-        if self.rank == 0:   # drop log lines written after the saved step
-            lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
-            kept = [line for line in lines if json.loads(line)["step"] <= self.step]
-            self.log_path.write_text("".join(line + "\n" for line in kept))
+        self.skipped, self.bad_steps, self.bad_in_a_row = state["skipped"], state["bad_steps"], state["bad_in_a_row"]
+        set_rng_state(state["rng"][self.rank])
+        if self.rank == 0:   # drop log lines written after the saved step (and a line a kill cut short)
+            kept = [line for line in read_log_lines(self.log_path) if json.loads(line)["step"] <= self.step]
+            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def save(self):
         """Checkpoint (safetensors) and resume state, both atomic; rank 0 writes."""
@@ -490,7 +603,10 @@ class Trainer:
             model_state = self.model.state_dict()
         state = {"model": model_state, "optimizer": self.optimizer.state_dict(),
                  "step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                 "skipped": self.skipped, "bad_steps": self.bad_steps, "rng": rngs}
+                 "skipped": self.skipped, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row,
+                 "rng": rngs, "run": self.run_settings()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         atomic_write(self.resume_path, lambda tmp: torch.save(state, tmp))
 
     # -- data
@@ -500,24 +616,38 @@ class Trainer:
         while self.args.max_steps or self.epoch < self.args.epochs:
             self.sampler.set_epoch(self.epoch)
             self.sampler.skip = self.batches_in_epoch * self.args.batch_size
+            self.loader_rng.manual_seed(self.args.seed + self.epoch)
             for batch in self.loader:
-                if self.args.strict and batch["errors"]:   # raised here, not in a loader worker
-                    raise TrainingError(batch["errors"][0])
                 self.batches_in_epoch += 1
                 yield batch
             self.epoch, self.batches_in_epoch = self.epoch + 1, 0
 
-    def loss_sum(self, batch):
-        """Summed token loss and token count of one micro-batch (model under DDP if any)."""
+    def empty_batch(self):
+        """A batch with no sample (one padding token, nothing to learn): a rank whose micro-batch
+        was all bad or padding still runs DDP's forward and backward, with zero loss and gradient."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long)
+        return {"input_ids": ids, "labels": torch.full_like(ids, -100), "media": [], "size": 0, "skipped": 0,
+                "errors": []}
+
+    def loss_sum(self, batch, training=True):
+        """Summed token loss and token count of one micro-batch (in training, through DDP if any)."""
         frames, mask = frames_and_mask(batch["media"], self.encoder, self.device)
-        net = self.ddp or self.model
+        net = (self.ddp if training else None) or self.model
         with self.autocast:
             loss, count = net(batch["input_ids"].to(self.device), batch["labels"].to(self.device), frames, mask)
-        if frames is None and self.ddp is not None:
+        if frames is None and net is self.ddp:
             # DDP expects a gradient for every trainable parameter; a text-only batch gives the
             # vision side none, so it gets an explicit zero.
             loss = loss + 0.0 * sum(p.sum() for p in self.model.parameters() if p.requires_grad)
         return loss, count
+
+    def stop_on_bad_samples(self, micro):
+        """--strict: every rank stops together at a step where any rank met a bad sample."""
+        errors = [e for b in micro for e in b["errors"]]
+        if all_sum(len(errors), self.world, self.device):
+            if errors:
+                raise TrainingError(errors[0])
+            raise PeerStopped()
 
     # -- steps
 
@@ -531,17 +661,22 @@ class Trainer:
         while self.step < self.total_steps and not finished:
             t0 = time.perf_counter()
             micro = list(islice(stream, args.accumulation_steps))
-            finished = len(micro) < args.accumulation_steps
-            micro = [b for b in micro if b["size"] > 0]
-            step_skipped = all_sum(sum(b["skipped"] for b in micro), self.world, self.device) if micro else 0
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            tokens = all_sum(local_tokens, self.world, self.device)   # the loss's denominator
-            seen = all_sum(sum(int(b["attention_mask"].sum()) for b in micro), self.world, self.device)
-            if tokens == 0:
-                if finished:
-                    break
-                self.skipped += int(step_skipped)
+            if args.strict:
+                self.stop_on_bad_samples(micro)
+            # Summed over ranks, so every rank agrees: whether the data ran out (each rank has as
+            # many batches, ShardSampler), samples skipped, the loss's denominator, tokens seen.
+            ran_out, step_skipped, tokens, seen = all_sums(
+                [len(micro) < args.accumulation_steps, sum(b["skipped"] for b in micro),
+                 sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["size"]),
+                 sum(int(b["attention_mask"].sum()) for b in micro if b["size"])], self.world, self.device)
+            finished = ran_out > 0
+            self.skipped += int(step_skipped)
+            if tokens == 0:   # nothing to learn from on any rank
                 continue
+            if self.ddp is None:
+                micro = [b for b in micro if b["size"]]
+            else:   # DDP pairs up each rank's forwards and backwards: every rank runs as many
+                micro = [b if b["size"] else self.empty_batch() for b in micro]
             self.model.train()
             lr = lr_at(self.step, self.total_steps, args)
             for group in self.optimizer.param_groups:
@@ -554,27 +689,41 @@ class Trainer:
                     loss, _ = self.loss_sum(batch)
                     # Normalise by the global token count: every token weighs the same whatever
                     # the micro-batch or rank it landed on (DDP averages, so × world).
-                    (loss * self.world / tokens).backward()
+                    scaled = loss * self.world / tokens
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
                 total_loss += float(loss.detach())
             loss_value = all_sum(total_loss, self.world, self.device) / tokens
-            self.skipped += int(step_skipped)
-            if not math.isfinite(loss_value):
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model_params, args.grad_clip))
+            # A non-finite gradient is normal while fp16 loss scaling finds its scale (the scaler
+            # skips that update itself); otherwise it is a diverged step like a non-finite loss.
+            if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.scaler is not None:
+                    self.scaler.update()
                 self.bad_steps += 1
                 self.bad_in_a_row += 1
-                if self.bad_in_a_row >= MAX_BAD_STEPS:
-                    raise TrainingError(f"loss was not finite for {MAX_BAD_STEPS} steps in a row at step "
-                                        f"{self.step}; lower --learning_rate or check the data")
+                if self.rank == 0:
+                    what = "loss" if not math.isfinite(loss_value) else "gradient"
+                    print(f"warning: non-finite {what} after step {self.step}: update skipped "
+                          f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)", file=sys.stderr, flush=True)
+                if self.bad_in_a_row >= args.max_bad_steps:
+                    raise TrainingError(f"loss or gradient was not finite for {self.bad_in_a_row} steps in a row "
+                                        f"after step {self.step}; lower --learning_rate or check the data")
                 continue
             self.bad_in_a_row = 0
-            grad_norm = torch.nn.utils.clip_grad_norm_(model_params, args.grad_clip)
-            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             seconds = time.perf_counter() - t0
             record = {"step": self.step, "loss": round(loss_value, 6), "lr": lr,
-                      "tok_s": round(seen / seconds, 1), "skipped": self.skipped,
-                      "grad_norm": round(float(grad_norm), 4), "epoch": self.epoch, "step_s": round(seconds, 4)}
+                      "tok_s": round(seen / seconds, 1), "skipped": self.skipped, "bad_steps": self.bad_steps,
+                      "grad_norm": round(grad_norm, 4), "epoch": self.epoch, "step_s": round(seconds, 4)}
             if args.val_every and self.step % args.val_every == 0:
                 record["val_loss"] = self.validate()
             self.log(record)
@@ -588,8 +737,7 @@ class Trainer:
                   "total_params": self.total_params}
         self.save()
         if self.rank == 0:
-            atomic_write(self.out_dir / "logs" / f"{self.ckpt_path.stem}.metrics.json",
-                         lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+            atomic_write(self.metrics_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
             print(f"saved {self.ckpt_path} (step {self.step}, val_loss {result['val_loss']:.4f}, "
                   f"skipped samples {self.skipped})")
             for tracker in self.trackers:
@@ -603,10 +751,12 @@ class Trainer:
         self.model.eval()
         loss_total, tokens = 0.0, 0
         for batch in self.val_loader:
-            if batch["size"]:
-                loss, count = self.loss_sum(batch)
+            if self.args.strict:
+                self.stop_on_bad_samples([batch])
+            if batch["size"]:   # no DDP here: ranks may run different numbers of forwards
+                loss, count = self.loss_sum(batch, training=False)
                 loss_total, tokens = loss_total + float(loss), tokens + int(count)
-        loss_total, tokens = all_sum(loss_total, self.world, self.device), all_sum(tokens, self.world, self.device)
+        loss_total, tokens = all_sums([loss_total, tokens], self.world, self.device)
         return round(loss_total / tokens, 6) if tokens else float("nan")
 
     def log(self, record):
@@ -617,6 +767,20 @@ class Trainer:
                 tracker.log(dict(record), step=record["step"])
 
 
+def read_log_lines(path) -> list:
+    """The complete JSON lines of a run log (a last line cut short by a kill is dropped)."""
+    if not Path(path).exists():
+        return []
+    lines = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        lines.append(line)
+    return lines
+
+
 def main(stages, lr: float, epochs: int, batch_size: int):
     """Entry point for the thin train_*.py scripts: bad input ends in one line, not a traceback."""
     parser = build_parser("/".join(stages), lr, epochs, batch_size)
@@ -625,6 +789,8 @@ def main(stages, lr: float, epochs: int, batch_size: int):
     args = parser.parse_args()
     try:
         Trainer(args, getattr(args, "stage", stages[0])).run()
+    except PeerStopped:
+        sys.exit(1)
     except (TrainingError, CheckpointError, ConversionError, TokenizerError, BadSample, MediaError,
             VisionWeightsError, LoraError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,10 +1,14 @@
-"""Feature cache: per-media frame CLS features (T, d) in fp16 safetensors shards with a manifest.
+"""Feature cache: per-media frame CLS features (T, d) in fp16 safetensors shards with manifests.
 
 One folder per (encoder, frame count, frame sampling): <data dir>/features/<encoder tag>-f<T>/
-for uniform sampling, <encoder tag>-f<T>-fps<F>/ for sampling at F frames a second, holding
-shard_*.safetensors and manifest.json {media path: shard name}. Media paths are the jsonl's own
-strings, so the cache moves with the dataset folder.
+for uniform sampling, <encoder tag>-f<T>-fps<F>/ for sampling at F frames a second. It holds
+shards and manifests {media path: shard name}: manifest.json with shard_NNNNN.safetensors, and
+per writer part (one per rank of a split extraction) manifest_<part>.json with
+shard_<part>_NNNNN.safetensors. Readers take the union of all manifests, so the parts of an
+extraction are usable before (or without) merging them into manifest.json. Media paths are the
+jsonl's own strings, so the cache moves with the dataset folder.
 """
+import glob
 import json
 from pathlib import Path
 
@@ -12,9 +16,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.checkpoint import atomic_write
+from model.checkpoint import atomic_write, remove_stale_temps
 
 MANIFEST = "manifest.json"
+
+
+def manifest_name(part: str = "") -> str:
+    return f"manifest_{part}.json" if part else MANIFEST
+
+
+def manifests(folder) -> list:
+    """manifest.json first, then the parts' manifests in name order (a later one wins a key)."""
+    folder = Path(folder)
+    main = [folder / MANIFEST] if (folder / MANIFEST).exists() else []
+    return main + sorted(folder.glob("manifest_*.json"))
 
 
 def cache_folder(data_dir, cfg) -> Path:
@@ -31,7 +46,28 @@ def open_cache(data_dir, cfg, feature_dir=None):
     if feature_dir == "none":
         return None
     folder = Path(feature_dir) if feature_dir else cache_folder(data_dir, cfg)
-    return FeatureCache(folder) if (folder / MANIFEST).exists() else None
+    return FeatureCache(folder) if manifests(folder) else None
+
+
+def read_index(folder) -> dict:
+    index = {}
+    for path in manifests(folder):
+        index.update(json.loads(path.read_text()))
+    return index
+
+
+def merge_manifests(folder) -> int:
+    """Fold the parts' manifests into manifest.json (atomically) and remove them; returns the key count.
+
+    A part still being written rewrites its manifest at its next flush, so nothing is lost either way.
+    """
+    folder = Path(folder)
+    index = read_index(folder)
+    parts = [p for p in manifests(folder) if p.name != MANIFEST]
+    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(index)))
+    for path in parts:
+        path.unlink(missing_ok=True)
+    return len(index)
 
 
 class FeatureCache:
@@ -39,8 +75,7 @@ class FeatureCache:
 
     def __init__(self, folder):
         self.folder = Path(folder)
-        manifest = self.folder / MANIFEST
-        self.index = json.loads(manifest.read_text()) if manifest.exists() else {}
+        self.index = read_index(self.folder)
         self._open = {}
 
     def __len__(self):
@@ -62,12 +97,21 @@ class FeatureCache:
 
 
 class FeatureWriter:
-    """Write side: add() features, flushed to a new shard every `shard_size` items (and at close)."""
+    """Write side: add() features, flushed to a new shard every `shard_size` items (and at close).
 
-    def __init__(self, folder, shard_size: int = 4096):
+    part: names this writer's own shards and manifest (e.g. "r1" for rank 1 of a split extraction),
+    so writers running at once in one folder never touch each other's files.
+    """
+
+    def __init__(self, folder, shard_size: int = 4096, part: str = ""):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.index = FeatureCache(self.folder).index
+        self.manifest = self.folder / manifest_name(part)
+        self.shard_prefix = f"shard_{part}_" if part else "shard_"
+        # Files this writer's earlier run left half-written when it was killed (never another part's).
+        remove_stale_temps(self.folder, f"{self.shard_prefix}[0-9]*.safetensors")
+        remove_stale_temps(self.folder, glob.escape(self.manifest.name))
+        self.index = json.loads(self.manifest.read_text()) if self.manifest.exists() else {}
         self.shard_size = shard_size
         self.pending = {}
 
@@ -79,13 +123,13 @@ class FeatureWriter:
     def flush(self):
         if not self.pending:
             return
-        taken = {p.name for p in self.folder.glob("shard_*.safetensors")} | set(self.index.values())
+        taken = {p.name for p in self.folder.glob(f"{self.shard_prefix}[0-9]*.safetensors")} | set(self.index.values())
         number = len(taken)
-        while f"shard_{number:05d}.safetensors" in taken:
+        while f"{self.shard_prefix}{number:05d}.safetensors" in taken:
             number += 1
-        name = f"shard_{number:05d}.safetensors"
+        name = f"{self.shard_prefix}{number:05d}.safetensors"
         atomic_write(self.folder / name, lambda tmp: save_file(self.pending, tmp))
         self.index.update({k: name for k in self.pending})
         # The manifest is written after its shard, so it never names a shard that is not there.
-        atomic_write(self.folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(self.index)))
+        atomic_write(self.manifest, lambda tmp: Path(tmp).write_text(json.dumps(self.index)))
         self.pending = {}

@@ -1,5 +1,6 @@
 """Media → frames: decord sampling (uniform, or at a frame rate) for videos, PIL for images (an image is a 1-frame video)."""
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import numpy as np
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 MAX_SIDE = 1024   # images are read no larger than this; CLIP resizes to its own input anyway
+# Larger videos are decoded scaled down to about this many pixels a frame (aspect kept): 8 frames of a
+# 3840×2160 clip would be 200 MB at full size; CLIP's input is a few hundred pixels anyway.
+MAX_VIDEO_PIXELS = 1920 * 1080
 
 
 class MediaError(Exception):
@@ -85,15 +89,43 @@ def native_stderr_silenced():
         os.close(devnull)
 
 
+def decode_size(path) -> tuple:
+    """(width, height) to decode at: the stored size scaled to at most MAX_VIDEO_PIXELS, or (-1, -1) for
+    the stored size (small enough, or unknown: then decord reports what is wrong with the file)."""
+    try:
+        import av
+        with av.open(str(path)) as container:
+            context = container.streams.video[0].codec_context
+            width, height = context.width, context.height
+    except Exception:
+        return -1, -1
+    if not width or not height or width * height <= MAX_VIDEO_PIXELS:
+        return -1, -1
+    scale = (MAX_VIDEO_PIXELS / (width * height)) ** 0.5
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
+
+
+def decoder_message(error: Exception) -> str:
+    """decord's first error line without its log prefix ("[12:00:00] /src/video_reader.cc:151: ")."""
+    line = (str(error).splitlines() or [type(error).__name__])[0]
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line)[:120]
+
+
 def read_video(path, num_frames: int, fps=None) -> np.ndarray:
-    """uint8 (num_frames, H, W, 3): uniform over the whole clip, or at `fps` (see sample_frames)."""
+    """uint8 (num_frames, H, W, 3): uniform over the whole clip, or at `fps` (see sample_frames).
+
+    Frames larger than MAX_VIDEO_PIXELS come back scaled down (decoded that way, so memory stays bounded).
+    """
     path = str(path)
     if not Path(path).is_file():
         raise MediaError(f"{path}: video file not found")
+    if Path(path).stat().st_size == 0:
+        raise MediaError(f"{path}: empty file")
     try:
         import decord
+        width, height = decode_size(path)
         with native_stderr_silenced():
-            reader = decord.VideoReader(path, num_threads=1)
+            reader = decord.VideoReader(path, num_threads=1, width=width, height=height)
         total = len(reader)
         if total == 0:
             raise MediaError(f"{path}: video has no frames")
@@ -108,7 +140,20 @@ def read_video(path, num_frames: int, fps=None) -> np.ndarray:
     except MediaError:
         raise
     except Exception as e:   # decord raises its own error types for corrupt or non-video files
-        raise MediaError(f"{path}: cannot decode video ({str(e).splitlines()[0][:120]})") from None
+        raise MediaError(f"{path}: {frameless(path) or f'cannot decode video ({decoder_message(e)})'}") from None
+
+
+def frameless(path):
+    """Why a file that opens as a container holds no video frame ("no video stream", "video has no
+    frames"), or None; decord only says it finds no stream with a cryptic index."""
+    try:
+        import av
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return "no video stream (no frames)"
+            return "video has no frames" if next(container.decode(video=0), None) is None else None
+    except Exception:
+        return None
 
 
 def read_image(path) -> np.ndarray:
@@ -148,8 +193,8 @@ def probe_media(path, kind: str) -> None:
     except MediaError:
         raise
     except Exception as e:
-        first_line = (str(e).splitlines() or [type(e).__name__])[0]
-        raise MediaError(f"{path}: cannot open {kind} ({first_line[:120]})") from None
+        reason = frameless(path) if kind == "video" else None
+        raise MediaError(f"{path}: {reason or f'cannot open {kind} ({decoder_message(e)})'}") from None
 
 
 def read_media(path, kind: str, num_frames: int, fps=None) -> np.ndarray:

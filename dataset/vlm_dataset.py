@@ -156,19 +156,18 @@ def warn(message):
     print(f"warning: skipped {message}", file=sys.stderr, flush=True)
 
 
-def collate(items, pad_id: int, left_pad=False):
+def collate(items, pad_id: int, left_pad=False, warn_skipped=True):
     """Pad ids (right for training, left for generation); keep media in batch order.
 
-    Unusable items are dropped with a warning; batch["skipped"] counts them.
+    Unusable items are dropped, with a warning unless warn_skipped=False (--strict: the caller stops
+    with the error instead); batch["skipped"] counts them and batch["errors"] says why. Padding items
+    (a distributed sampler's empty slots, {"padding": True}) are dropped silently: they are no samples.
     """
-    good = []
-    for item in items:
-        if "error" in item:
-            warn(item["error"])
-        else:
-            good.append(item)
-    batch = {"skipped": len(items) - len(good), "size": len(good),
-             "errors": [item["error"] for item in items if "error" in item]}
+    errors = [item["error"] for item in items if "error" in item]
+    for error in errors if warn_skipped else []:
+        warn(error)
+    good = [item for item in items if "error" not in item and not item.get("padding")]
+    batch = {"skipped": len(errors), "size": len(good), "errors": errors}
     if not good:
         return batch
     width = max(len(it["input_ids"]) for it in good)

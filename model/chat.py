@@ -74,7 +74,8 @@ class ChatEncoder:
 
     def text(self, s: str) -> list:
         # split_special_tokens: "<|im_start|>" typed by a user is text, never a control token.
-        return self.tok(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # verbose=False: the dataset checks lengths against max_len itself (one line per skipped sample).
+        return self.tok(s, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
     def content(self, s: str, media_kinds: list) -> list:
         """User text with each <video>/<image> marker replaced by K slots; records marker kinds."""

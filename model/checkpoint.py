@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -19,12 +21,17 @@ class CheckpointError(Exception):
 
 
 def atomic_write(path, write_fn):
-    """write_fn(tmp_path) then rename: a kill mid-write never leaves a half file under `path`."""
+    """write_fn(tmp_path) then rename: a kill mid-write never leaves a half file under `path`.
+
+    A SIGKILL can leave the hidden temp file (.<name>.tmp<pid>) beside it; remove_stale_temps clears it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write_fn(str(tmp))
+        with open(tmp, "rb+") as f:   # on disk before the rename makes it visible (power loss, not only kills)
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -46,6 +53,48 @@ def atomic_write_dir(path, write_fn):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temps(folder, name_glob: str) -> list:
+    """Delete the temp files atomic_write left in `folder` for targets matching name_glob (glob.escape a
+    plain name) when their writer was killed; the temp file of a live writer on this machine stays."""
+    removed = []
+    for tmp in Path(folder).glob(f".{name_glob}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's live process
+        return True
+    return True
+
+
+def load_torch_file(path):
+    """torch.load with weights_only=True: tensors and plain containers only. A file carrying pickled
+    code or objects is refused before anything in it runs (CheckpointError names the file and the global)."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        if re.search(r"Unsupported operand|String is too long|invalid load key", str(e)):   # not a pickle at all
+            raise CheckpointError(f"{path}: not a readable PyTorch file (not a pickle stream)") from None
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: refused — it holds pickled code or objects{what}, not only tensors; "
+                              "it was not run") from None
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {first})") from None
 
 
 def find_checkpoint(name: str, out_dir) -> Path:

@@ -1,6 +1,5 @@
 """Language-model weights in and out of model/lm.py's layout: MiniMind .pth files, Hugging Face Llama folders, our own files."""
 import json
-import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -9,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from model.checkpoint import CheckpointError, load_torch_file
 from model.config import LMConfig, config_from_dict, config_to_dict
 from model.lm import LanguageModel
 
@@ -173,16 +173,9 @@ def interleaved_to_half_split(weight, head_dim: int):
 def read_torch_file(path) -> dict:
     """A .pth/.bin state dict of plain tensors; pickled code is refused without running it."""
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: no such file") from None
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise ConversionError(f"{path}: refused — it holds pickled code or objects{what}, not only tensors; "
-                              "it was not run") from None
-    except Exception as e:
-        raise ConversionError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+        state = load_torch_file(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ConversionError(f"{path}: expected a flat state dict of tensors, got {type(state).__name__}")
     for prefix in WRAPPER_PREFIXES:

@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.config import LMConfig
 
@@ -127,6 +128,9 @@ class LanguageModel(nn.Module):
         cos, sin = rope_table(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Gradient checkpointing (trainer --grad_checkpointing): each block's activations are
+        # recomputed in the backward pass instead of kept, so memory grows with one block, not all.
+        self.grad_checkpointing = False
         self.apply(self._init_weights)
         # Residual-branch outputs start small so a deep stack begins near the identity.
         for name, p in self.named_parameters():
@@ -165,8 +169,12 @@ class LanguageModel(nn.Module):
                 itself[:, past:] = torch.eye(L, dtype=torch.bool, device=causal.device)
                 mask = (mask & attention_mask[:, None, None, :keys]) | itself
         x = inputs_embeds
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, causal=mask is None, cache=cache, layer=i)
+            if recompute:   # the RNG state is replayed, so dropout masks match the first pass
+                x = checkpoint(layer, x, rope, mask, mask is None, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, causal=mask is None, cache=cache, layer=i)
         if cache is not None:
             cache.length += L
         return self.lm_head(self.norm(x))

@@ -135,9 +135,16 @@ def _load_local_weights(model, path: str):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+    else:   # .pt/.pth/.bin: tensors only; a file carrying pickled code is refused unrun
+        # imported here: model.checkpoint imports the model package
+        from model.checkpoint import CheckpointError, load_torch_file
+        try:
+            state = load_torch_file(path)
+        except CheckpointError as e:
+            raise VisionWeightsError(str(e)) from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise VisionWeightsError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         if all(k.startswith("visual.") for k in state):

@@ -1,5 +1,9 @@
-"""Precompute per-frame CLIP features (fp16) for every media item named in jsonl files, into the feature cache."""
+"""Precompute per-frame CLIP features (fp16) for every media item named in jsonl files, into the feature cache.
+
+Resumable (a rerun does only what is missing) and splittable across ranks: torchrun, or --rank/--world_size.
+"""
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -8,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.features import FeatureCache, FeatureWriter, cache_folder  # noqa: E402
+from dataset.features import FeatureCache, FeatureWriter, cache_folder, merge_manifests  # noqa: E402
 from dataset.media import SAMPLING_MODES, MediaError, read_media, sampling_rate  # noqa: E402
 from dataset.vlm_dataset import as_list, read_jsonl  # noqa: E402
 from model.config import VisionConfig  # noqa: E402
@@ -45,6 +49,37 @@ def collect_media(jsonl_paths):
     return [(kind, key) for key, kind in seen.items()]
 
 
+def extract(items, root, encoder, writer, fps, num_frames, batch_size=32, num_workers=2):
+    """Encode `items` ((kind, key) pairs) into the writer; returns (media done, frames, unreadable).
+
+    Everything added is flushed shard by shard as it fills, so a killed run loses at most one
+    unflushed shard; a rerun skips what the manifests already hold.
+    """
+    loader = DataLoader(MediaPixels(items, root, num_frames, fps, encoder.pixels), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=list)
+    done, frames, failed = 0, 0, 0
+    for rows in loader:
+        good = [(key, pixels) for key, pixels, error in rows if pixels is not None]
+        for key, _, error in rows:
+            if error:
+                failed += 1
+                print(f"warning: skipped {error}", file=sys.stderr)
+        if good:
+            feats = encoder.encode_pixels(torch.cat([px for _, px in good]))
+            for (key, px), f in zip(good, feats.split([len(px) for _, px in good])):
+                writer.add(key, f)
+            done += len(good)
+            frames += sum(len(px) for _, px in good)
+    writer.flush()
+    return done, frames, failed
+
+
+def distributed_rank():
+    """(rank, world, under torchrun) from the flags, else torchrun's environment, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", 0)), world, world > 1 and "MASTER_ADDR" in os.environ
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", nargs="+", required=True, help="jsonl files (media paths relative to --media_root)")
@@ -59,8 +94,15 @@ def main():
     p.add_argument("--out", default=None,
                    help="cache folder (default: <media_root>/features/<encoder>-f<T>[-fps<F>])")
     p.add_argument("--batch_size", type=int, default=32, help="media items per encoder batch")
+    p.add_argument("--shard_size", type=int, default=4096, help="media items per shard file")
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rank", type=int, default=None,
+                   help="this part of a split extraction (default: torchrun's RANK, else 0); parts run anywhere, "
+                        "at once or one after another, and each writes its own shards and manifest")
+    p.add_argument("--world_size", type=int, default=None, help="how many parts (default: torchrun's WORLD_SIZE, else 1)")
+    p.add_argument("--merge", action="store_true",
+                   help="only fold the parts' manifests into manifest.json (optional: readers see the parts too)")
+    p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
     args = p.parse_args()
     missing = [d for d in args.data if not Path(d).is_file()]
     if missing:
@@ -74,30 +116,38 @@ def main():
     except ValueError as e:
         sys.exit(f"error: --frame_sampling/--sample_fps: {e}")
     folder = Path(args.out) if args.out else cache_folder(root, cfg)
-    todo = [item for item in collect_media(args.data) if item[1] not in FeatureCache(folder)]
+    if args.merge:
+        print(f"features: {merge_manifests(folder)} media in {folder / 'manifest.json'}")
+        return
+    env_rank, env_world, torchrun = distributed_rank()
+    rank = env_rank if args.rank is None else args.rank
+    world = env_world if args.world_size is None else args.world_size
+    if not 0 <= rank < world:
+        sys.exit(f"error: --rank {rank} is not in 0..{world - 1} (--world_size {world})")
+    if torchrun:
+        import torch.distributed as dist
+        dist.init_process_group("gloo")   # only for the barrier before rank 0 merges
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    # Each part takes every world-th media of the full list, then drops what is cached already, so a
+    # rerun (even with another --world_size) does only what is missing.
+    cached = FeatureCache(folder)
+    todo = [item for item in collect_media(args.data)[rank::world] if item[1] not in cached]
     try:
-        encoder = FrameEncoder(cfg, args.device)
+        encoder = FrameEncoder(cfg, device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    writer = FeatureWriter(folder)
-    loader = DataLoader(MediaPixels(todo, root, cfg.num_frames, fps, encoder.pixels), batch_size=args.batch_size,
-                        num_workers=args.num_workers, collate_fn=list)
-    start, frames, failed = time.perf_counter(), 0, 0
-    for rows in loader:
-        good = [(key, pixels) for key, pixels, error in rows if pixels is not None]
-        for key, _, error in rows:
-            if error:
-                failed += 1
-                print(f"warning: skipped {error}", file=sys.stderr)
-        if good:
-            feats = encoder.encode_pixels(torch.cat([px for _, px in good]))
-            for (key, px), f in zip(good, feats.split([len(px) for _, px in good])):
-                writer.add(key, f)
-            frames += sum(len(px) for _, px in good)
-    writer.flush()
+    writer = FeatureWriter(folder, args.shard_size, part=f"r{rank}" if world > 1 else "")
+    start = time.perf_counter()
+    done, frames, failed = extract(todo, root, encoder, writer, fps, cfg.num_frames, args.batch_size, args.num_workers)
     seconds = time.perf_counter() - start
-    print(f"features: {len(todo) - failed} new media ({frames} frames, {frames / max(seconds, 1e-9):.0f} frames/s), "
-          f"{failed} unreadable, {len(writer.index)} cached in {folder}")
+    part = f"part {rank + 1}/{world}: " if world > 1 else ""
+    print(f"features: {part}{done} new media ({frames} frames, {frames / max(seconds, 1e-9):.0f} frames/s), "
+          f"{failed} unreadable, {len(FeatureCache(folder))} cached in {folder}")
+    if torchrun:
+        dist.barrier()
+        if rank == 0:
+            merge_manifests(folder)
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -144,3 +144,14 @@ def video_checkpoint(workdir, synthetic, fresh_flags, train) -> Path:
                    "--warmup_steps=2")
     assert result.returncode == 0, result.stderr
     return out / "sft_video_32.safetensors"
+
+
+@pytest.fixture(scope="session")
+def feature_cache(workdir, synthetic, frame_encoder) -> Path:
+    """The feature cache of sft_video.jsonl's media for the tiny tower (runs that need no CLIP are faster)."""
+    from dataset.features import FeatureWriter
+    from extract_features import collect_media, extract
+    folder = workdir / "features_sft_video"
+    extract(collect_media([synthetic / "sft_video.jsonl"]), synthetic, frame_encoder, FeatureWriter(folder),
+            fps=None, num_frames=TINY_ARCH["num_frames"], num_workers=0)
+    return folder

@@ -1,11 +1,15 @@
 """The train scripts end to end, as subprocesses with a tiny model: stages, logs, learning, feature
-cache, resume, bad flags, bad samples, and 2-process DDP."""
+cache, bitwise resume, bad flags, --strict from a loader worker, 2-process DDP against one process,
+and the sampler that splits epochs over ranks. (Bad-data corpus: test_bad_data.py; kills: test_resume.py.)"""
 import json
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import read_log, run_python
+from trainer import PAD, ShardSampler
 
 LOG_KEYS = {"step", "loss", "lr", "tok_s", "skipped"}
 
@@ -76,11 +80,14 @@ def test_extracted_feature_cache_is_used_and_matches_online_features(tmp_path, s
     assert abs(loss_online - loss_cached) < 1e-4, (loss_online, loss_cached)
 
 
-def test_resume_continues_where_the_save_left_off(tmp_path, synthetic, fresh_flags, train):
+def test_resume_continues_bitwise_where_the_save_left_off_with_fp16_loss_scaling(tmp_path, synthetic, fresh_flags,
+                                                                                 train):
     data = synthetic / "sft_video.jsonl"
-    # A constant lr (no warmup, no decay), so the schedule does not depend on --max_steps.
+    # A constant lr (no warmup, no decay), so the schedule does not depend on --max_steps. fp16
+    # autocast brings a loss scaler whose state must resume too; dropout draws from the RNG, and
+    # two loader workers draw their seeds from the loader's generator.
     flags = ["--stage=video", f"--data_path={data}", *fresh_flags, "--warmup_steps=0", "--min_lr_ratio=1",
-             "--learning_rate=1e-2"]
+             "--learning_rate=1e-2", "--dtype=fp16", "--dropout=0.1", "--num_workers=2"]
     ok(train("train_sft.py", *flags, f"--out_dir={tmp_path / 'r'}", "--max_steps=4", "--save_every=2"))
     assert (tmp_path / "r" / "sft_video_32.resume.pt").is_file()
     ok(train("train_sft.py", *flags, f"--out_dir={tmp_path / 'r'}", "--max_steps=7", "--resume"))
@@ -88,15 +95,14 @@ def test_resume_continues_where_the_save_left_off(tmp_path, synthetic, fresh_fla
     resumed = read_log(tmp_path / "r" / "logs" / "sft_video_32.jsonl")
     straight = read_log(tmp_path / "u" / "logs" / "sft_video_32.jsonl")
     assert [r["step"] for r in resumed] == list(range(1, 8))
-    # Same batches (across the epoch boundary at step 6), same optimizer state → same losses.
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-5)
-
-
-def test_resume_without_a_saved_state_is_a_clean_error(tmp_path, synthetic, fresh_flags, train):
-    result = train("train_sft.py", "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}",
-                   f"--out_dir={tmp_path}", *fresh_flags, "--resume")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "resume.pt" in result.stderr.strip().splitlines()[-1]
+    # Same batches (across the epoch boundary at step 6), same optimizer, scaler and RNG state.
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    # The scaler counts its overflow-free steps since the start (7); one restarted at resume would say 3.
+    scalers = [torch.load(tmp_path / run / "sft_video_32.resume.pt", weights_only=True)["scaler"] for run in "ru"]
+    assert scalers[0] == scalers[1] and scalers[0]["_growth_tracker"] == 7
+    a = load_file(str(tmp_path / "r" / "sft_video_32.safetensors"))
+    b = load_file(str(tmp_path / "u" / "sft_video_32.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_flag_contradicting_the_checkpoint_is_one_error_line(synthetic, video_checkpoint, weight_flags, train,
@@ -117,14 +123,6 @@ def bad_video_data(tmp_path, synthetic):
     return write_lines(tmp_path / "bad.jsonl", first_lines(synthetic / "sft_video.jsonl", 3) + [bad])
 
 
-def test_a_missing_video_is_skipped_and_counted(tmp_path, synthetic, fresh_flags, train):
-    data = bad_video_data(tmp_path, synthetic)
-    ok(train("train_sft.py", "--stage=video", f"--data_path={data}", f"--media_root={synthetic}",
-             f"--out_dir={tmp_path}", *fresh_flags, "--max_steps=1"))
-    assert read_log(tmp_path / "logs" / "sft_video_32.jsonl")[0]["skipped"] == 1
-    assert json.loads((tmp_path / "logs" / "sft_video_32.metrics.json").read_text())["skipped"] == 1
-
-
 def test_strict_stops_at_a_missing_video_with_one_line_even_from_a_loader_worker(
         tmp_path, synthetic, video_checkpoint, weight_flags, train):
     data = bad_video_data(tmp_path, synthetic)
@@ -138,17 +136,80 @@ def test_strict_stops_at_a_missing_video_with_one_line_even_from_a_loader_worker
     assert last.startswith("error:") and "nope.mp4" in last and str(data) in last
 
 
-def test_two_process_ddp_matches_one_process_with_the_global_batch(tmp_path, synthetic, fresh_flags, train):
-    flags = ["--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}", *fresh_flags, "--max_steps=2"]
-    ddp = run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
-                     *flags, "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}", timeout=300)
-    ok(ddp)
+def missing_video_line(name):
+    return json.dumps({"id": name, "video": f"videos/{name}.mp4", "conversations": [
+        {"role": "user", "content": "<video>\nhi"}, {"role": "assistant", "content": "x"}]})
+
+
+def test_two_process_ddp_matches_one_process_step_by_step(tmp_path, synthetic, fresh_flags, train):
+    # 9 samples over 2 ranks × batch 2: each epoch ends in an uneven batch (one rank gets a padding
+    # slot, not a repeated sample). The 2 bad samples are exactly rank 1's first micro-batch of
+    # epoch 0, so that rank has nothing to learn from while rank 0 has: it must still take part
+    # in DDP's gradient exchange, and the skip count must include its samples.
+    n = 9
+    rank1_first = ShardSampler(n, world=2, rank=1, seed=0).share()[:2]
+    good, bad = iter(first_lines(synthetic / "sft_video.jsonl", 7)), iter(["nope0", "nope1"])
+    data = write_lines(tmp_path / "train.jsonl",
+                       [missing_video_line(next(bad)) if i in rank1_first else next(good) for i in range(n)])
+    val = write_lines(tmp_path / "val.jsonl", (synthetic / "sft_video.jsonl").read_text().splitlines()[20:24])
+    # 3 micro-batches an epoch, 2 per step: step 2 spans the epoch boundary (reshuffle).
+    flags = ["--stage=video", f"--data_path={data}", f"--media_root={synthetic}", f"--val_path={val}", *fresh_flags,
+             "--max_steps=3", "--accumulation_steps=2", "--learning_rate=1e-2", "--warmup_steps=0"]
+    ddp = ok(run_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
+                        *flags, "--batch_size=2", "--grad_checkpointing", f"--out_dir={tmp_path / 'ddp'}", timeout=300))
     ok(train("train_sft.py", *flags, "--batch_size=4", f"--out_dir={tmp_path / 'single'}"))
     ddp_log = read_log(tmp_path / "ddp" / "logs" / "sft_video_32.jsonl")
     single_log = read_log(tmp_path / "single" / "logs" / "sft_video_32.jsonl")
-    assert [r["step"] for r in ddp_log] == [1, 2]   # rank 0 writes, once per step
+    assert [r["step"] for r in ddp_log] == [1, 2, 3]   # rank 0 writes, once per step
+    assert [r["epoch"] for r in ddp_log] == [0, 1, 1]
     # The loss is normalised by the global token count, so two halves of a batch give the same
     # loss and (after DDP's gradient average) the same update as the whole batch.
     for a, b in zip(ddp_log, single_log):
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (ddp_log, single_log)
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (ddp_log, single_log)
+    assert [r["skipped"] for r in ddp_log] == [r["skipped"] for r in single_log]
+    assert ddp_log[0]["skipped"] == 2 and ddp_log[-1]["skipped"] == 4   # both bad samples, both epochs
+    ddp_metrics = json.loads((tmp_path / "ddp" / "logs" / "sft_video_32.metrics.json").read_text())
+    single_metrics = json.loads((tmp_path / "single" / "logs" / "sft_video_32.metrics.json").read_text())
+    assert ddp_metrics["skipped"] == single_metrics["skipped"] == 4
+    assert abs(ddp_metrics["val_loss"] - single_metrics["val_loss"]) <= 1e-5
+    ddp_weights = load_file(str(tmp_path / "ddp" / "sft_video_32.safetensors"))
+    single_weights = load_file(str(tmp_path / "single" / "sft_video_32.safetensors"))
+    assert ddp_weights.keys() == single_weights.keys()
+    assert max(float((ddp_weights[k] - single_weights[k]).abs().max()) for k in ddp_weights) <= 1e-4
     assert ddp.stdout.count("saved ") == 1
+    files = sorted(str(p.relative_to(tmp_path / "ddp")) for p in (tmp_path / "ddp").rglob("*"))
+    assert files == ["logs", "logs/sft_video_32.jsonl", "logs/sft_video_32.metrics.json",
+                     "sft_video_32.resume.pt", "sft_video_32.safetensors"]
+
+
+@pytest.mark.parametrize("n, world", [(9, 2), (10, 3), (16, 4), (2, 3)])
+def test_each_epoch_is_split_over_ranks_without_repeats_and_padded_at_its_end(n, world):
+    for epoch in range(2):
+        shares = []
+        for rank in range(world):
+            sampler = ShardSampler(n, world, rank, seed=7)
+            sampler.set_epoch(epoch)
+            shares.append(list(sampler))
+        assert len({len(share) for share in shares}) == 1   # every rank as many slots
+        # Rank r's k-th slot is global position k × world + r: one process's order, cut in turn.
+        order = [shares[r][k] for k in range(len(shares[0])) for r in range(world)]
+        assert sorted(order[:n]) == list(range(n))          # every sample once, none repeated
+        assert order[n:] == [PAD] * (len(order) - n)        # the padding closes the epoch
+
+
+def test_every_epoch_is_reshuffled_the_same_way_on_every_rank():
+    def order(epoch, world):
+        samplers = [ShardSampler(12, world, rank, seed=7) for rank in range(world)]
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        shares = [list(sampler) for sampler in samplers]
+        return [shares[r][k] for k in range(len(shares[0])) for r in range(world)]
+    assert order(0, 1) != order(1, 1)
+    assert order(0, 2) == order(0, 1) == order(0, 3) and order(1, 2) == order(1, 1)
+
+
+def test_a_resumed_sampler_continues_with_the_next_batch():
+    full = list(ShardSampler(11, 2, 1, seed=3))
+    sampler = ShardSampler(11, 2, 1, seed=3)
+    sampler.skip = 4
+    assert list(sampler) == full[4:] and len(sampler) == len(full) - 4
