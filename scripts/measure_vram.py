@@ -1,4 +1,4 @@
-"""Peak GPU memory of a training step at each batch size, for the README's VRAM table (needs CUDA).
+"""Peak GPU memory of a training step at each batch size, for the README's VRAM table (CUDA; --estimate on a CPU).
 
 It builds the model at a preset size (26m: hidden 512 × 8 layers, 104m: 768 × 16), feeds it random
 token ids and random per-frame features of the shape the feature cache holds, and runs a few
@@ -8,6 +8,12 @@ random frames, as training without a feature cache does.
 
     python scripts/measure_vram.py --preset 26m --batch_sizes 1 2 4 8 16 32
     python scripts/measure_vram.py --preset 104m --grad_checkpointing --encoder ViT-B-16
+    python scripts/measure_vram.py --preset 26m --estimate        # no GPU: count the bytes instead
+
+--estimate adds up what a step must hold at its peak: fp32 weights, their gradients and AdamW's two
+moments, plus every tensor autograd keeps for the backward pass under bf16 autocast (each storage
+once, parameters not twice). It leaves out the CUDA context, allocator slack and kernel workspaces
+(a few hundred MB in practice), so a measured peak will be somewhat higher.
 """
 import argparse
 import sys
@@ -62,6 +68,45 @@ def train_step(model, optimizer, batch, autocast, encoder=None, image_size=224):
     return float(loss.detach())
 
 
+def estimate(args):
+    """The --estimate table: bytes of weights, gradients, AdamW moments and saved activations, on a CPU.
+    → [(batch size, state bytes, activation bytes)]."""
+    rows = []
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.dtype]
+    print("| preset | batch size | weights + grads + AdamW (GiB) | saved activations (GiB) | estimated peak (GiB) |")
+    print("|---|---|---|---|---|")
+    for batch_size in args.batch_sizes:
+        torch.manual_seed(0)
+        model = build(args.preset, args.vocab_size, args.clip_dim, args.num_frames, args.num_visual_tokens, "cpu")
+        model.lm.grad_checkpointing = args.grad_checkpointing
+        model.train()
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+        states = weights + 3 * trainable   # + fp32 gradients and AdamW's exp_avg, exp_avg_sq
+        param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def keep(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in param_storages:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        ids, labels, frames, mask = random_batch(model, batch_size, args.seq_len, "cpu")
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+                torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            model(ids, labels, frames, mask)
+        activations = sum(saved.values())
+        rows.append((batch_size, states, activations))
+        gib = 2 ** 30
+        print(f"| {args.preset} | {batch_size} | {states / gib:.2f} | {activations / gib:.2f} | "
+              f"{(states + activations) / gib:.2f} |", flush=True)
+        del model
+    print(f"\n{args.preset}: estimated on a CPU (no CUDA context or allocator slack), seq_len {args.seq_len}, "
+          f"{args.num_frames} frames, {args.dtype}{', gradient checkpointing' if args.grad_checkpointing else ''}, cached features")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="26m")
@@ -77,7 +122,11 @@ def main():
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--grad_checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per batch size (the first allocates AdamW's state)")
+    p.add_argument("--estimate", action="store_true", help="no GPU needed: count weight, optimizer and saved-activation bytes")
     args = p.parse_args()
+    if args.estimate:
+        estimate(args)
+        return
     if not torch.cuda.is_available():
         sys.exit("error: measuring VRAM needs a CUDA device; none is visible here")
     device = torch.device("cuda")

@@ -1,4 +1,5 @@
 """Scale: gradient checkpointing, feature extraction split across ranks and resumed, the VRAM script."""
+import argparse
 import json
 import sys
 
@@ -127,3 +128,15 @@ def test_the_vram_script_without_cuda_says_so_in_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         measure_vram.main()
     assert "needs a CUDA device" in str(stop.value.code) and "\n" not in str(stop.value.code)
+
+
+def test_the_vram_estimate_counts_states_and_grows_with_the_batch(monkeypatch):
+    monkeypatch.setitem(measure_vram.PRESETS, "tiny", dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                                                           intermediate_size=64))
+    args = argparse.Namespace(preset="tiny", batch_sizes=[1, 2, 4], seq_len=24, num_frames=4, num_visual_tokens=2,
+                              vocab_size=64, clip_dim=16, dtype="bf16", grad_checkpointing=False)
+    (_, states1, acts1), (_, _, acts2), (_, states4, acts4) = measure_vram.estimate(args)
+    params = sum(p.numel() for p in measure_vram.build("tiny", 64, 16, 4, 2, "cpu").parameters())
+    assert states1 == states4 == 16 * params   # fp32 weights, grads and AdamW's two moments
+    per_sample = acts2 - acts1
+    assert per_sample > 0 and acts4 - acts1 == pytest.approx(3 * per_sample, rel=0.01)   # linear in the batch
