@@ -515,8 +515,7 @@ class Trainer:
         self.trackers = open_trackers(args, name) if self.rank == 0 else []
         if self.rank == 0:
             print(f"trainable: {self.trainable_params:,} of the model's {self.total_params:,} weights "
-                  f"({100 * self.trainable_params / self.total_params:.2f}%; parts: {','.join(self.parts)})",
-                  file=sys.stderr)
+                  f"({100 * self.trainable_params / self.total_params:.2f}%; parts: {','.join(self.parts)})")
 
     def wrap_lora(self, model, weight_path):
         """Adapters on the LM (+ --train_parts in full); returns the parts list recorded in the logs."""

@@ -151,7 +151,7 @@ def test_two_process_ddp_matches_one_process_step_by_step(tmp_path, synthetic, f
     good, bad = iter(first_lines(synthetic / "sft_video.jsonl", 7)), iter(["nope0", "nope1"])
     data = write_lines(tmp_path / "train.jsonl",
                        [missing_video_line(next(bad)) if i in rank1_first else next(good) for i in range(n)])
-    val = write_lines(tmp_path / "val.jsonl", (synthetic / "sft_video.jsonl").read_text().splitlines()[20:24])
+    val = write_lines(tmp_path / "val.jsonl", (synthetic / "sft_video.jsonl").read_text().splitlines()[7:11])
     # 3 micro-batches an epoch, 2 per step: step 2 spans the epoch boundary (reshuffle).
     flags = ["--stage=video", f"--data_path={data}", f"--media_root={synthetic}", f"--val_path={val}", *fresh_flags,
              "--max_steps=3", "--accumulation_steps=2", "--learning_rate=1e-2", "--warmup_steps=0"]
