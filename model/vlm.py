@@ -56,28 +56,47 @@ class VideoLLM(nn.Module):
         temperature 0 is greedy; otherwise sample from the top-p nucleus. Rows that produced
         eos_id keep yielding eos_id; iteration stops when all rows are done.
         """
+        with self.lm.frozen_weights():
+            yield from self._generate(input_ids, attention_mask, frames, frame_mask, max_new_tokens,
+                                      temperature, top_p, eos_id, generator)
+
+    def _generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens, temperature, top_p,
+                  eos_id, generator):
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        # Without padding the LM takes its plain causal path: no masks, positions from the cache.
+        padded = not bool(attention_mask.all())
         total = min(L + max_new_tokens, self.lm_cfg.max_seq_len)
         cache = KVCache(self.lm_cfg, B, total, input_ids.device, self.lm.embed_tokens.weight.dtype)
-        mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
-        mask[:, :L] = attention_mask.bool()
-        positions = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm(self.embed(input_ids, frames, frame_mask), positions, mask, cache)[:, -1]
-        next_pos = positions[:, -1] + 1
+        embeds = self.embed(input_ids, frames, frame_mask)
+        if padded:
+            mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
+            mask[:, :L] = attention_mask.bool()
+            positions = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(embeds, positions, mask, cache, last_only=True)[:, -1]
+            next_pos = positions[:, -1:] + 1
+        else:
+            logits = self.lm(embeds, cache=cache, last_only=True)[:, -1]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(total - L):
             token = sample_next(logits, temperature, top_p, generator)
             if eos_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_id), token)
                 done |= token == eos_id
+                if bool(done.all()):
+                    yield token
+                    return
             yield token
-            if bool(done.all()) or cache.length >= total:
+            if cache.length >= total:
                 return
-            mask[:, cache.length] = True
-            logits = self.lm(self.lm.embed_tokens(token[:, None]), next_pos[:, None], mask, cache)[:, -1]
-            next_pos = next_pos + 1
+            step = self.lm.embed_tokens(token[:, None])
+            if padded:
+                mask[:, cache.length] = True
+                logits = self.lm(step, next_pos, mask, cache)[:, -1]
+                next_pos = next_pos + 1
+            else:
+                logits = self.lm(step, cache=cache)[:, -1]
 
 
 def sample_next(logits, temperature: float, top_p: float, generator=None):
