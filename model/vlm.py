@@ -40,13 +40,16 @@ class VideoLLM(nn.Module):
 
     def forward(self, input_ids, labels=None, frames=None, frame_mask=None):
         """Returns logits, or with labels (-100 = ignored) the summed token loss and the token count."""
-        logits = self.lm(self.embed(input_ids, frames, frame_mask))
+        hidden = self.lm.hidden(self.embed(input_ids, frames, frame_mask))
         if labels is None:
-            return logits
+            return self.lm.logits(hidden)
         targets = labels[:, 1:]
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=-100, reduction="sum")
-        return loss_sum, (targets != -100).sum()
+        scored = targets != -100
+        # Only positions with a target go through the output head: in SFT most positions are
+        # prompt and visual tokens, and their logits would be computed only to be ignored.
+        logits = self.lm.logits(hidden[:, :-1][scored])
+        loss_sum = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+        return loss_sum, scored.sum()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, frames=None, frame_mask=None,

@@ -98,3 +98,22 @@ def test_last_only_logits_are_the_last_row_of_the_full_logits(make_vlm):
     lm = make_vlm().lm
     x = lm.embed_tokens(torch.randint(4, 64, (2, 9)))
     torch.testing.assert_close(lm(x, last_only=True), lm(x)[:, -1:], atol=1e-6, rtol=0)
+
+
+def test_loss_on_labelled_positions_only_has_the_full_logits_gradients(make_vlm):
+    model = make_vlm().train()
+    ids = torch.randint(4, 64, (2, 10))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    loss_sum, count = model(ids, labels)
+    loss_sum.backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(ids)   # every position through the head, the ignored ones dropped by the loss
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                  ignore_index=-100, reduction="sum")
+    reference.backward()
+    assert int(count) == 8
+    torch.testing.assert_close(loss_sum, reference)
+    for name, grad in fast.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-6, rtol=1e-5, msg=name)
