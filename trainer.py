@@ -88,6 +88,9 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
     a("--seed", type=int, default=42)
     a("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     a("--num_workers", type=int, default=-1, help="DataLoader workers (-1: 0 when features are cached, else 2)")
+    a("--compile", action="store_true",
+      help="torch.compile the LM's transformer blocks (on the demo's CPU shapes ~45 s of compiling buys ~10%% "
+           "faster steps: not worth it there); a block that fails to compile runs eagerly")
     a("--strict", action="store_true", help="stop at the first unreadable sample instead of skipping it")
     a("--no_progress", action="store_true", help="no tqdm bar")
     return p
@@ -293,6 +296,16 @@ def make_optimizer(model, args, device):
                              fused=device.type in ("cuda", "cpu"))
 
 
+def compile_blocks(lm):
+    """torch.compile every transformer block in place (parameter names and checkpoints unchanged);
+    dynamo's suppress_errors runs a block that fails to compile eagerly instead of stopping the run.
+    On the demo's CPU shapes: ~45 s of compiling, then steps ~10% faster."""
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    for block in lm.layers:
+        block.compile()
+
+
 # ---------------------------------------------------------------- the loop
 
 class Trainer:
@@ -321,6 +334,8 @@ class Trainer:
         self.parts = (args.train_parts or default_parts).split(",")
         set_trainable(model, self.parts)
         self.model = model.to(self.device)
+        if args.compile:
+            compile_blocks(model.lm)
         self.ddp = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) \
             if self.world > 1 else None
         self.optimizer = make_optimizer(model, args, self.device)

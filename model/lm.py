@@ -16,10 +16,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32: bf16 mean-of-squares loses too much precision.
-        h = x.float()
+        # Normalise in fp32: bf16 mean-of-squares loses too much precision. (The dtype tests skip
+        # no-op calls: a generation step is a few hundred tiny ops, each paying Python's overhead.)
+        h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * self.weight.float()).to(x.dtype)
+        h = h * (self.weight if self.weight.dtype == torch.float32 else self.weight.float())
+        return h if h.dtype == x.dtype else h.to(x.dtype)
 
 
 def rope_table(head_dim: int, max_len: int, theta: float):
@@ -30,11 +32,19 @@ def rope_table(head_dim: int, max_len: int, theta: float):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, L, H, D); cos/sin: (B or 1, L, 1, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def signed_sin(sin):
+    """sin with rotate_half's sign folded in, for apply_rope: -sin on the first half, sin on the second."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rope(x, cos, sin_signed):
+    """x: (B, L, H, D); cos/sin_signed: (B or 1, L, 1, D).
+
+    x·cos + rotate_half(x)·sin, where rotate_half(x) = [-x2, x1]: rolling x by half a head gives
+    [x2, x1], and signed_sin puts the minus on sin, so one roll replaces slice, slice, neg and cat.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class KVCache:
@@ -168,7 +178,7 @@ class LanguageModel(nn.Module):
         self.lm_head.weight = self.embed_tokens.weight   # tied
         cos, sin = rope_table(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin", signed_sin(sin), persistent=False)   # signed for apply_rope
         self.apply(self._init_weights)
         # Residual-branch outputs start small so a deep stack begins near the identity.
         for name, p in self.named_parameters():
