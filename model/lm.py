@@ -71,6 +71,12 @@ def is_plain_linear(module) -> bool:
     return type(module) is nn.Linear and module.bias is None and not (module._forward_hooks or module._forward_pre_hooks)
 
 
+def project(module, x):
+    """module(x) for a bias-free projection, as F.linear when it is a plain nn.Linear: a generation
+    step of a small model is a few hundred tiny ops, and a module call costs as much as one."""
+    return F.linear(x, module.weight) if is_plain_linear(module) else module(x)
+
+
 class JointProjections(nn.Module):
     """Base of modules that send one input through several bias-free projections.
 
@@ -129,7 +135,7 @@ class Attention(JointProjections):
             q, k, v, attn_mask=mask, is_causal=causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=KV != H)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, L, -1))
 
     def projections(self):
         return [self.q_proj, self.k_proj, self.v_proj]
@@ -144,7 +150,7 @@ class SwiGLU(JointProjections):
 
     def forward(self, x):
         gate, up = self.joint(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return project(self.down_proj, F.silu(gate) * up)
 
     def projections(self):
         return [self.gate_proj, self.up_proj]
@@ -209,7 +215,7 @@ class LanguageModel(nn.Module):
 
     def logits(self, hidden):
         """The last block's hidden states (any leading shape) → logits."""
-        return self.lm_head(self.norm(hidden))
+        return project(self.lm_head, self.norm(hidden))
 
     def hidden(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None):
         """Input embeddings → the last block's hidden states (before the final norm).
