@@ -22,6 +22,10 @@ SAMPLING_MODES = ("uniform", "fps")
 # Files store frame times rounded (whole ms in mkv/webm; decord hands them over as float32), so a
 # sampling instant that falls on a frame boundary is nudged by this much to land on the later frame.
 TIME_SLACK_S = 1e-4
+# Decoders that honour skip_frame=NONREF exactly: a frame the bitstream marks as non-reference is
+# never used by another frame, so skipping such frames on the way to a sampled one changes no pixel.
+SKIPPING_CODECS = {"h264", "hevc"}
+SPARSE_SAMPLING = 4   # frames in the clip per sampled frame from which decode_sampled pays off
 
 
 def uniform_indices(total: int, num: int) -> np.ndarray:
@@ -111,6 +115,62 @@ def decoder_message(error: Exception) -> str:
     return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line)[:120]
 
 
+def decode_sampled(path, indices, total: int):
+    """uint8 (len(indices), H, W, 3): the frames at these presentation-order indices, decoded by PyAV
+    from the keyframe before each, skipping non-reference frames on the way (about half of an
+    H.264/HEVC stream). None when the file does not qualify (another codec, frame count or
+    timestamps unlike what decord saw, a decoding error): read_video then decodes with decord.
+    """
+    import av
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            if codec.name not in SKIPPING_CODECS:
+                return None
+            codec.thread_count = 1   # frame threads would apply skip_frame out of step with the packets
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
+            pts_in_decode_order = [pts for pts, _ in packets]
+            if len(packets) != total or None in pts_in_decode_order or len(set(pts_in_decode_order)) != total:
+                return None
+            pts_in_order = sorted(pts_in_decode_order)
+            wanted = [pts_in_order[i] for i in indices]
+            position = {pts: n for n, pts in enumerate(pts_in_decode_order)}
+            keyframe_before, last_key = [], None
+            for n, (_, key) in enumerate(packets):
+                last_key = n if key else last_key
+                keyframe_before.append(last_key)
+            found, fed = {}, None   # fed: decode position of the next packet the decoder would get
+            for target in sorted(set(wanted), key=position.get):
+                if target in found:
+                    continue
+                start = keyframe_before[position[target]]
+                if start is None:
+                    return None
+                if fed is None or start > fed:   # a seek skips whole groups of pictures
+                    container.seek(packets[start][0], stream=stream, backward=True, any_frame=False)
+                    codec.flush_buffers()
+                    fed = None
+                for packet in container.demux(stream):
+                    if fed is None:   # the seek must land on the keyframe it aimed at
+                        if packet.pts != packets[start][0]:
+                            return None
+                        fed = start
+                    remaining = packet.size and packet.pts not in found and packet.pts in wanted
+                    codec.skip_frame = "DEFAULT" if remaining else "NONREF"
+                    for frame in codec.decode(packet if packet.size else None):
+                        if frame.pts in wanted and frame.pts not in found:
+                            found[frame.pts] = frame.to_ndarray(format="rgb24")
+                    fed += 1
+                    if target in found:
+                        break
+                if target not in found:
+                    return None
+            return np.stack([found[pts] for pts in wanted])
+    except Exception:   # PyAV's many error types; decord then reads the file or names its problem
+        return None
+
+
 def read_video(path, num_frames: int, fps=None) -> np.ndarray:
     """uint8 (num_frames, H, W, 3): uniform over the whole clip, or at `fps` (see sample_frames).
 
@@ -136,7 +196,11 @@ def read_video(path, num_frames: int, fps=None) -> np.ndarray:
                 times = None   # unusable stored times: fall back to the average frame rate
             if times is None and not native_fps > 0:
                 raise MediaError(f"{path}: frame times unknown, cannot sample at {fps:g} fps")
-        return reader.get_batch(list(sample_frames(total, native_fps, num_frames, fps, times))).asnumpy()
+        indices = sample_frames(total, native_fps, num_frames, fps, times)
+        frames = None
+        if width < 0 and total >= SPARSE_SAMPLING * len(set(indices.tolist())):   # huge frames: decord scales them
+            frames = decode_sampled(path, indices, total)
+        return frames if frames is not None else reader.get_batch(list(indices)).asnumpy()
     except MediaError:
         raise
     except Exception as e:   # decord raises its own error types for corrupt or non-video files

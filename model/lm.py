@@ -1,5 +1,6 @@
 """The decoder-only language model: RMSNorm, RoPE, grouped-query attention, SwiGLU, KV cache."""
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -16,10 +17,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32: bf16 mean-of-squares loses too much precision.
-        h = x.float()
+        # Normalise in fp32: bf16 mean-of-squares loses too much precision. (The dtype tests skip
+        # no-op calls: a generation step is a few hundred tiny ops, each paying Python's overhead.)
+        h = x if x.dtype == torch.float32 else x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * self.weight.float()).to(x.dtype)
+        h = h * (self.weight if self.weight.dtype == torch.float32 else self.weight.float())
+        return h if h.dtype == x.dtype else h.to(x.dtype)
 
 
 def rope_table(head_dim: int, max_len: int, theta: float):
@@ -30,11 +33,19 @@ def rope_table(head_dim: int, max_len: int, theta: float):
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, H, L, D); cos/sin: (B, 1, L, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def signed_sin(sin):
+    """sin with rotate_half's sign folded in, for apply_rope: -sin on the first half, sin on the second."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rope(x, cos, sin_signed):
+    """x: (B, L, H, D); cos/sin_signed: (B or 1, L, 1, D).
+
+    x·cos + rotate_half(x)·sin, where rotate_half(x) = [-x2, x1]: rolling x by half a head gives
+    [x2, x1], and signed_sin puts the minus on sin, so one roll replaces slice, slice, neg and cat.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class KVCache:
@@ -57,7 +68,44 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-class Attention(nn.Module):
+def is_plain_linear(module) -> bool:
+    return type(module) is nn.Linear and module.bias is None and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def project(module, x):
+    """module(x) for a bias-free projection, as F.linear when it is a plain nn.Linear: a generation
+    step of a small model is a few hundred tiny ops, and a module call costs as much as one."""
+    return F.linear(x, module.weight) if is_plain_linear(module) else module(x)
+
+
+class JointProjections(nn.Module):
+    """Base of modules that send one input through several bias-free projections.
+
+    They run as one matmul on the concatenated weights (fewer, larger matmuls are faster); the
+    weights stay separate parameters, so checkpoint keys do not change. Inside
+    LanguageModel.frozen_weights() the concatenation is made once instead of per call. A
+    projection that is not a plain nn.Linear (a LoRA wrapper, a hooked module) runs on its own.
+    """
+    joined = None   # the concatenated weight while frozen
+
+    def projections(self) -> list:
+        raise NotImplementedError
+
+    def joint(self, x):
+        if self.joined is not None:
+            return F.linear(x, self.joined)
+        parts = self.projections()
+        if all(is_plain_linear(p) for p in parts):
+            return F.linear(x, torch.cat([p.weight for p in parts]))
+        return torch.cat([p(x) for p in parts], dim=-1)
+
+    @torch.no_grad()
+    def freeze_joined(self, frozen: bool):
+        parts = self.projections()
+        self.joined = torch.cat([p.weight for p in parts]) if frozen and all(map(is_plain_linear, parts)) else None
+
+
+class Attention(JointProjections):
     """Multi-head attention with grouped KV heads, through F.scaled_dot_product_attention."""
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0):
@@ -74,21 +122,27 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, mask=None, causal=False, cache=None, layer=0):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, KV = self.num_heads, self.num_kv_heads
+        qkv = self.joint(x).view(B, L, H + 2 * KV, self.head_dim)
+        if rope is None:
+            q, k, v = qkv.split([H, KV, KV], dim=2)
+        else:   # q and k rotate together, in one pass
+            q, k = apply_rope(qkv[:, :, :H + KV], *rope).split([H, KV], dim=2)
+            v = qkv[:, :, H + KV:]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_kv_heads != self.num_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+            enable_gqa=KV != H)
+        return project(self.o_proj, out.transpose(1, 2).reshape(B, L, -1))
+
+    def projections(self):
+        return [self.q_proj, self.k_proj, self.v_proj]
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(JointProjections):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
@@ -96,7 +150,11 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.joint(x).chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(gate) * up)
+
+    def projections(self):
+        return [self.gate_proj, self.up_proj]
 
 
 class Block(nn.Module):
@@ -127,7 +185,7 @@ class LanguageModel(nn.Module):
         self.lm_head.weight = self.embed_tokens.weight   # tied
         cos, sin = rope_table(cfg.hidden_size // cfg.num_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin", signed_sin(sin), persistent=False)   # signed for apply_rope
         # Gradient checkpointing (trainer --grad_checkpointing): each block's activations are
         # recomputed in the backward pass instead of kept, so memory grows with one block, not all.
         self.grad_checkpointing = False
@@ -142,39 +200,70 @@ class LanguageModel(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None):
-        """Hidden states → logits.
+    @contextmanager
+    def frozen_weights(self):
+        """For generation, where no weight changes: joint projection weights are concatenated once."""
+        joint = [m for m in self.modules() if isinstance(m, JointProjections)]
+        for m in joint:
+            m.freeze_joined(True)
+        try:
+            yield
+        finally:
+            for m in joint:
+                m.freeze_joined(False)
 
-        position_ids: (B, L) absolute positions; default 0..L-1 after what the cache holds.
+    def forward(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None, last_only=False):
+        """Input embeddings → logits (of the last position only with last_only: a prompt needs no others)."""
+        x = self.hidden(inputs_embeds, position_ids, attention_mask, cache)
+        return self.logits(x[:, -1:] if last_only else x)
+
+    def logits(self, hidden):
+        """The last block's hidden states (any leading shape) → logits."""
+        return project(self.lm_head, self.norm(hidden))
+
+    def hidden(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None):
+        """Input embeddings → the last block's hidden states (before the final norm).
+
+        position_ids: (B, L) absolute positions (below max_seq_len); default 0..L-1 after what the cache holds.
         attention_mask: (B, Lk) bool, False for padding keys (left-padded batched generation).
         Without padding and cache the fast causal path is used.
         """
         B, L, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + L, device=inputs_embeds.device).expand(B, L)
-        if int(position_ids.max()) >= self.cfg.max_seq_len:
+        if past + L > self.cfg.max_seq_len:
             raise ValueError(f"sequence longer than max_seq_len={self.cfg.max_seq_len}")
-        rope = (self.rope_cos[position_ids].unsqueeze(1).to(inputs_embeds.dtype),
-                self.rope_sin[position_ids].unsqueeze(1).to(inputs_embeds.dtype))
+        dtype, device = inputs_embeds.dtype, inputs_embeds.device
+        if position_ids is None:   # the same positions for every row: a slice, no gather
+            rope = (self.rope_cos[past:past + L, None].to(dtype), self.rope_sin[past:past + L, None].to(dtype))
+        else:
+            rope = (self.rope_cos[position_ids].unsqueeze(2).to(dtype),
+                    self.rope_sin[position_ids].unsqueeze(2).to(dtype))
         mask = None
-        if attention_mask is not None or past > 0:
+        if L == 1 and past > 0:
+            # One new query per row (a generation step) sees every cached key, so only padding is
+            # masked; its own key always counts (as `itself` below).
+            if attention_mask is not None:
+                mask = attention_mask[:, None, None, :past + 1].clone()
+                mask[..., past] = True
+        elif attention_mask is not None or past > 0:
             keys = past + L
-            causal = torch.ones(L, keys, dtype=torch.bool, device=inputs_embeds.device).tril(past)
+            causal = torch.ones(L, keys, dtype=torch.bool, device=device).tril(past)
             mask = causal.expand(B, 1, L, keys)
             if attention_mask is not None:
                 # A padding query sees no valid key; letting every query see itself keeps
                 # softmax finite (an all-masked row is NaN, and NaN * 0 poisons later rows).
                 itself = torch.zeros_like(causal)
-                itself[:, past:] = torch.eye(L, dtype=torch.bool, device=causal.device)
+                itself[:, past:] = torch.eye(L, dtype=torch.bool, device=device)
                 mask = (mask & attention_mask[:, None, None, :keys]) | itself
+        if mask is not None:   # additive, once: SDPA would convert a bool mask in every layer
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
         x = inputs_embeds
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, layer in enumerate(self.layers):
             if recompute:   # the RNG state is replayed, so dropout masks match the first pass
-                x = checkpoint(layer, x, rope, mask, mask is None, use_reentrant=False)
+                x = checkpoint(layer, x, rope, mask, mask is None and past == 0, use_reentrant=False)
             else:
-                x = layer(x, rope, mask, causal=mask is None, cache=cache, layer=i)
+                x = layer(x, rope, mask, causal=mask is None and past == 0, cache=cache, layer=i)
         if cache is not None:
             cache.length += L
-        return self.lm_head(self.norm(x))
+        return x

@@ -40,13 +40,16 @@ class VideoLLM(nn.Module):
 
     def forward(self, input_ids, labels=None, frames=None, frame_mask=None):
         """Returns logits, or with labels (-100 = ignored) the summed token loss and the token count."""
-        logits = self.lm(self.embed(input_ids, frames, frame_mask))
+        hidden = self.lm.hidden(self.embed(input_ids, frames, frame_mask))
         if labels is None:
-            return logits
+            return self.lm.logits(hidden)
         targets = labels[:, 1:]
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=-100, reduction="sum")
-        return loss_sum, (targets != -100).sum()
+        scored = targets != -100
+        # Only positions with a target go through the output head: in SFT most positions are
+        # prompt and visual tokens, and their logits would be computed only to be ignored.
+        logits = self.lm.logits(hidden[:, :-1][scored])
+        loss_sum = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+        return loss_sum, scored.sum()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, frames=None, frame_mask=None,
@@ -56,28 +59,47 @@ class VideoLLM(nn.Module):
         temperature 0 is greedy; otherwise sample from the top-p nucleus. Rows that produced
         eos_id keep yielding eos_id; iteration stops when all rows are done.
         """
+        with self.lm.frozen_weights():
+            yield from self._generate(input_ids, attention_mask, frames, frame_mask, max_new_tokens,
+                                      temperature, top_p, eos_id, generator)
+
+    def _generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens, temperature, top_p,
+                  eos_id, generator):
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        # Without padding the LM takes its plain causal path: no masks, positions from the cache.
+        padded = not bool(attention_mask.all())
         total = min(L + max_new_tokens, self.lm_cfg.max_seq_len)
         cache = KVCache(self.lm_cfg, B, total, input_ids.device, self.lm.embed_tokens.weight.dtype)
-        mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
-        mask[:, :L] = attention_mask.bool()
-        positions = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm(self.embed(input_ids, frames, frame_mask), positions, mask, cache)[:, -1]
-        next_pos = positions[:, -1] + 1
+        embeds = self.embed(input_ids, frames, frame_mask)
+        if padded:
+            mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
+            mask[:, :L] = attention_mask.bool()
+            positions = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
+            logits = self.lm(embeds, positions, mask, cache, last_only=True)[:, -1]
+            next_pos = positions[:, -1:] + 1
+        else:
+            logits = self.lm(embeds, cache=cache, last_only=True)[:, -1]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(total - L):
             token = sample_next(logits, temperature, top_p, generator)
             if eos_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_id), token)
                 done |= token == eos_id
+                if bool(done.all()):
+                    yield token
+                    return
             yield token
-            if bool(done.all()) or cache.length >= total:
+            if cache.length >= total:
                 return
-            mask[:, cache.length] = True
-            logits = self.lm(self.lm.embed_tokens(token[:, None]), next_pos[:, None], mask, cache)[:, -1]
-            next_pos = next_pos + 1
+            step = self.lm.embed_tokens(token[:, None])
+            if padded:
+                mask[:, cache.length] = True
+                logits = self.lm(step, next_pos, mask, cache)[:, -1]
+                next_pos = next_pos + 1
+            else:
+                logits = self.lm(step, cache=cache)[:, -1]
 
 
 def sample_next(logits, temperature: float, top_p: float, generator=None):

@@ -1,0 +1,596 @@
+"""Speed side by side on this machine: our LM, generation, frame reading and the feature cache against
+the obvious alternatives, measured in one run as ratios (ours ÷ theirs in speed: higher is better);
+prints a table and writes out/bench.json.
+
+    python scripts/bench.py                      # every CPU section (~10 min on 2 cores); CUDA section when a GPU is present
+    python scripts/bench.py --only lm,decode     # some sections (merged into an existing out/bench.json)
+    python scripts/bench.py --run_demo           # also run scripts/demo.sh (~11 min) for demo_wall_s / demo_peak_rss_gb
+
+Ours and theirs alternate (A B A B ...) and ratios are medians of per-round ratios, so a shared,
+noisy machine slows both sides alike. Absolute times on a CPU are not comparable between runs.
+"""
+import os
+
+# Sleeping (not spinning) OpenMP threads: a spinning one stalls whenever the other core is busy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from fractions import Fraction  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from dataset.media import read_video, uniform_indices  # noqa: E402
+from model.config import LMConfig, VisionConfig  # noqa: E402
+from model.convert import HF_NAMES, hf_config, rename_out  # noqa: E402
+from model.vlm import VideoLLM  # noqa: E402
+from trainer import make_optimizer  # noqa: E402
+
+SECTIONS = ("lm", "decode", "frames", "cache", "demo", "gpu")
+# LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
+SHAPES = {
+    "demo": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),   # scripts/demo.sh
+    "26M": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, vocab_size=6400),    # MiniMind2-small
+    "104M": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, vocab_size=6400),  # MiniMind2
+}
+# Goals: (key, comparison, target).
+GOALS = [("train_vs_hf", ">=", 1.3), ("decode_vs_hf", ">=", 2.0), ("frames_vs_decode_all", ">=", 10.0),
+         ("cached_vs_online", ">=", 10.0), ("demo_wall_s", "<=", 600.0), ("demo_peak_rss_gb", "<=", 4.0),
+         ("gpu_mfu_104M", ">=", 0.35)]
+# Dense bf16 peak of known GPUs (FLOP/s, from their data sheets); others use a measured matmul peak.
+GPU_PEAKS = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+             "H200": 989e12, "A100": 312e12}
+SFT_LABELLED = 0.35   # share of a row that is the assistant's answer in the SFT-shaped batch (the demo's video SFT: ~1/3)
+BENCH = ROOT / "out" / "bench"
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run as asked; one line."""
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- measuring
+
+def alternate(candidates: dict, rounds: int, warmup: int = 1, cpu_times: dict = None) -> dict:
+    """Run every candidate once per round, in turn (A B A B ...), after warm-up rounds → {name: [seconds]}.
+
+    cpu_times, if given, collects each run's process CPU seconds too: with one thread they leave
+    out the time other processes held the core.
+    """
+    for _ in range(warmup):
+        for run in candidates.values():
+            run()
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            sync()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - start)
+            if cpu_times is not None:
+                cpu_times.setdefault(name, []).append(time.process_time() - start_cpu)
+    return times
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def speed_ratio(ours: list, theirs: list) -> float:
+    """How many times faster ours is: the median over rounds of their time ÷ ours."""
+    return round(statistics.median(t / o for o, t in zip(ours, theirs)), 3)
+
+
+def median(times: list) -> float:
+    return statistics.median(times)
+
+
+def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's large-matmul FLOP/s right now: the best of a few n×n products."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+# ---------------------------------------------------------------- the two language models
+
+def lm_config(shape: str) -> LMConfig:
+    s = SHAPES[shape]
+    return LMConfig(**s, intermediate_size=64 * math.ceil(s["hidden_size"] * 8 / 3 / 64))
+
+
+def our_model(shape: str, device, lively=False) -> VideoLLM:
+    """Our video LLM whose LM has this shape (its vision parts stay idle: text-only batches).
+
+    lively: weights at 1/sqrt(fan-in) instead of 0.02, so greedy decoding produces varied tokens
+    with clear margins (the side-by-side checks compare tokens).
+    """
+    torch.manual_seed(0)
+    cfg = lm_config(shape)
+    model = VideoLLM(cfg, VisionConfig(clip_dim=64, summary_dim=64, vision_token_id=cfg.vocab_size - 1))
+    if lively:
+        with torch.no_grad():
+            for p in model.lm.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0, p.shape[1] ** -0.5)
+    model.summary.requires_grad_(False)
+    model.projector.requires_grad_(False)
+    return model.to(device)
+
+
+def hf_twin(model: VideoLLM, device, folder: Path):
+    """transformers' LlamaForCausalLM with the same weights, written as an exported folder
+    (model/convert.py's names and config) and loaded back with from_pretrained (SDPA attention)."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().clone() for k, v in rename_out(model.lm.state_dict(), HF_NAMES).items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config(model.lm_cfg, bos_id=1, eos_id=2, pad_id=0)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    hf = LlamaForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa", dtype=torch.float32)
+    hf.generation_config.eos_token_id = None   # both sides decode exactly the asked number of tokens
+    return hf.to(device)
+
+
+def text_batch(cfg: LMConfig, batch: int, seq_len: int, labelled: float, device):
+    """Random ids (never the visual slot) and labels on the last `labelled` share of every row."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, cfg.vocab_size - 1, (batch, seq_len), generator=gen)
+    labels = ids.clone()
+    labels[:, :seq_len - max(2, round(seq_len * labelled))] = -100
+    return ids.to(device), labels.to(device)
+
+
+def flops_per_token(cfg: LMConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM's convention: 6 × matmul weights (tied head included) + 12 × layers × width × context."""
+    d, h = cfg.hidden_size, cfg.intermediate_size
+    kv = d // cfg.num_heads * cfg.num_kv_heads
+    per_layer = d * d * 2 + 2 * d * kv + 3 * d * h
+    return 6 * (cfg.num_layers * per_layer + cfg.vocab_size * d) + 12 * cfg.num_layers * d * seq_len
+
+
+def bench_train(shape, batch, seq_len, labelled, rounds, device, workdir, autocast_dtype=None, compile_ours=False):
+    """One optimizer step (forward, backward, AdamW as the trainer builds it), ours vs transformers.
+
+    compile_ours: our blocks through torch.compile (the trainer's --compile); theirs stay eager.
+    """
+    ours = our_model(shape, device).train()
+    hf = hf_twin(ours, device, workdir / f"hf_{shape}").train()
+    if compile_ours:
+        from trainer import compile_blocks
+        compile_blocks(ours.lm)
+    cfg = ours.lm_cfg
+    ids, labels = text_batch(cfg, batch, seq_len, labelled, device)
+    opt_args = SimpleNamespace(learning_rate=1e-4, weight_decay=0.1)
+    our_opt, hf_opt = make_optimizer(ours, opt_args, device), make_optimizer(hf, opt_args, device)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    def our_loss():
+        with autocast:
+            loss_sum, count = ours(ids, labels)
+        return loss_sum / count
+
+    def hf_loss():
+        with autocast:
+            return hf(input_ids=ids, labels=labels).loss
+
+    with torch.no_grad():   # same weights, same batch: the same loss before any step
+        gap = abs(float(our_loss()) - float(hf_loss()))
+
+    def step(loss_fn, opt):
+        def run():
+            loss_fn().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    cpu_times = {}
+    times = alternate({"ours": step(our_loss, our_opt), "hf": step(hf_loss, hf_opt)}, rounds, cpu_times=cpu_times)
+    tokens = batch * seq_len
+    return {"shape": shape, "batch": batch, "seq_len": seq_len, "labelled_share": labelled, "rounds": rounds,
+            "ours_tok_s": round(tokens / median(times["ours"]), 1), "hf_tok_s": round(tokens / median(times["hf"]), 1),
+            "ratio": speed_ratio(times["ours"], times["hf"]), "cpu_time_ratio": speed_ratio(cpu_times["ours"], cpu_times["hf"]),
+            "initial_loss_gap": round(gap, 6),
+            "flops_per_token": flops_per_token(cfg, seq_len)}
+
+
+def bench_decode(shape, prompt_len, new_tokens, rounds, device, workdir):
+    """Greedy decoding of one prompt: our KV cache vs transformers' generate vs ours without a cache."""
+    ours = our_model(shape, device, lively=True).eval()
+    hf = hf_twin(ours, device, workdir / f"hf_{shape}").eval()
+    cfg = ours.lm_cfg
+    prompt = text_batch(cfg, 1, prompt_len, 0.0, device)[0]
+
+    def ours_cached():
+        return torch.stack(list(ours.generate(prompt, max_new_tokens=new_tokens)), dim=1)
+
+    def theirs():
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              do_sample=False, num_beams=1, pad_token_id=0)
+        return out[:, prompt_len:]
+
+    @torch.no_grad()
+    def ours_uncached():   # the whole sequence again for every new token
+        seq = prompt
+        with ours.lm.frozen_weights():
+            for _ in range(new_tokens):
+                token = ours.lm(ours.lm.embed_tokens(seq), last_only=True)[:, -1].argmax(-1)
+                seq = torch.cat([seq, token[:, None]], dim=1)
+        return seq[:, prompt_len:]
+
+    tokens = ours_cached()
+    same_hf, same_uncached = torch.equal(tokens, theirs()), torch.equal(tokens, ours_uncached())
+    def three_times(generate):   # one answer is short: a round times three, for steadier ratios
+        return lambda: [generate() for _ in range(3)]
+
+    cpu_times = {}
+    times = alternate({"ours": three_times(ours_cached), "hf": three_times(theirs),
+                       "nocache": three_times(ours_uncached)}, rounds, cpu_times=cpu_times)
+    per_s = {name: round(3 * new_tokens / median(t), 1) for name, t in times.items()}
+    return {"shape": shape, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
+            "ours_tok_s": per_s["ours"], "hf_tok_s": per_s["hf"], "nocache_tok_s": per_s["nocache"],
+            "ratio_vs_hf": speed_ratio(times["ours"], times["hf"]),
+            "cpu_time_ratio_vs_hf": speed_ratio(cpu_times["ours"], cpu_times["hf"]),
+            "ratio_vs_nocache": speed_ratio(times["ours"], times["nocache"]),
+            "same_tokens_as_hf": same_hf, "same_tokens_as_nocache": same_uncached,
+            "distinct_tokens": len(set(tokens[0].tolist()))}
+
+
+# ---------------------------------------------------------------- frames
+
+def write_test_video(path: Path, seconds: int, keyint: int, fps: int = 30, width: int = 1280, height: int = 720):
+    """A 720p H.264 clip: a textured scene panned across (real decoding work on every frame) with a
+    moving disc; a keyframe every `keyint` frames."""
+    import av
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (height // 16 + 1, 2 * width // 16 + 1, 3), dtype=np.uint8)
+    scene = np.kron(coarse, np.ones((16, 16, 1), dtype=np.uint8))[:height, :2 * width] // 2
+    scene += rng.integers(0, 40, scene.shape, dtype=np.uint8)
+    ys, xs = np.mgrid[:height, :width]
+    tmp = path.with_suffix(".part.mp4")
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23",
+                          "x264-params": f"keyint={keyint}:min-keyint={min(keyint, 25)}:scenecut=0"}
+        for i in range(seconds * fps):
+            x0 = (i * 4) % width
+            frame = scene[:, x0:x0 + width].copy()
+            cx, cy = (i * 7) % width, height // 2 + int(200 * math.sin(i / 30))
+            frame[(xs - cx) ** 2 + (ys - cy) ** 2 < 80 ** 2] = (220, 40, 40)
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = i, Fraction(1, fps)
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode(None))
+    tmp.rename(path)
+
+
+def test_video(seconds: int, keyint: int) -> Path:
+    path = BENCH / f"video_720p_{seconds}s_keyint{keyint}.mp4"
+    if not path.exists():
+        BENCH.mkdir(parents=True, exist_ok=True)
+        log(f"writing {path} (1280x720, {seconds} s at 30 fps, keyframe every {keyint} frames) ...")
+        write_test_video(path, seconds, keyint)
+    return path
+
+
+def decode_every_frame(path, num_frames: int, threads: int = 1) -> np.ndarray:
+    """The baseline: decode the whole clip in order, every frame converted to RGB (what a
+    cv2.VideoCapture read loop hands over), keeping the uniformly sampled ones."""
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if threads != 1:
+            stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
+        wanted = uniform_indices(stream.frames, num_frames).tolist()
+        kept = {}
+        for i, frame in enumerate(container.decode(stream)):
+            rgb = frame.to_ndarray(format="rgb24")
+            if i in wanted:
+                kept[i] = rgb
+    return np.stack([kept[i] for i in wanted])
+
+
+def bench_frames(seconds, keyint, rounds, num_frames=8):
+    path = test_video(seconds, keyint)
+    same = np.array_equal(read_video(path, num_frames), decode_every_frame(path, num_frames))
+    cpu_times = {}
+    times = alternate({"ours": lambda: read_video(path, num_frames),
+                       "decode_all": lambda: decode_every_frame(path, num_frames)}, rounds, warmup=0, cpu_times=cpu_times)
+    threaded = min(alternate({"t": lambda: decode_every_frame(path, num_frames, threads=0)}, 1, warmup=0)["t"])
+    return {"video": str(path.relative_to(ROOT)), "seconds": seconds, "keyint": keyint, "frames": num_frames,
+            "rounds": rounds, "ours_s": round(median(times["ours"]), 3),
+            "decode_all_s": round(median(times["decode_all"]), 3), "ratio": speed_ratio(times["ours"], times["decode_all"]),
+            "cpu_time_ratio": speed_ratio(cpu_times["ours"], cpu_times["decode_all"]),
+            "decode_all_auto_threads_s": round(threaded, 3), "same_frames": bool(same)}
+
+
+def vision_weights(image_size: int = 128) -> Path:
+    """The demo's random ViT-S-32 tower (128 px; 224 px is the architecture's own size), written once if absent."""
+    from model.vision import VISION_DIR, save_random_tower
+    path = VISION_DIR / f"ViT-S-32-{image_size}-random-seed0.safetensors"
+    if not path.exists():
+        path = BENCH / path.name
+        if not path.exists():
+            BENCH.mkdir(parents=True, exist_ok=True)
+            save_random_tower("ViT-S-32", image_size, 0, str(path))
+    return path
+
+
+def bench_preprocess(seconds, keyint, rounds, num_frames=8):
+    """Sampled frames per second through our whole path: read → CLIP transform (→ CLIP features)."""
+    from model.vision import FrameEncoder
+    path = test_video(seconds, keyint)
+    encoder = FrameEncoder(VisionConfig(clip_model="ViT-S-32", clip_image_size=128,
+                                        clip_pretrained=str(vision_weights())))
+    with torch.no_grad():
+        times = alternate({"pixels": lambda: encoder.pixels(read_video(path, num_frames)),
+                           "features": lambda: encoder.encode(read_video(path, num_frames))}, rounds)
+    return {"video": str(path.relative_to(ROOT)), "encoder": "ViT-S-32 @128 px (the demo's)",
+            "preprocess_frames_s": round(num_frames / median(times["pixels"]), 2),
+            "features_frames_s": round(num_frames / median(times["features"]), 2)}
+
+
+# ---------------------------------------------------------------- feature cache
+
+def run(cmd, what):
+    result = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BenchError(f"{what} failed: {tail}")
+    return result
+
+
+def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
+    """A video-SFT training step (train_sft.py, the demo's shapes) with cached CLIP features vs
+    features computed online (frames decoded in DataLoader workers, CLIP in the step)."""
+    from make_synthetic import generate
+    from train_tokenizer import train as train_tokenizer
+    data = BENCH / "data"
+    if not (data / "sft_video.jsonl").exists():
+        log(f"writing a small synthetic dataset to {data} ...")
+        generate(data, n_videos=n_videos, seed=0, n_images=0, n_test=1)
+    tokenizer = BENCH / "tokenizer"
+    if not (tokenizer / "tokenizer.json").exists():
+        train_tokenizer([data / "sft_video.jsonl"], tokenizer, 1024)
+    weights = vision_weights(image_size)
+    vision = ["--clip_model", "ViT-S-32", "--clip_image_size", str(image_size), "--clip_pretrained", weights]
+    run(["scripts/extract_features.py", "--data", data / "sft_video.jsonl", *vision, "--num_frames", "8"],
+        "extract_features.py")
+    folders = [p for p in (data / "features").iterdir()
+               if p.is_dir() and p.name.startswith(f"ViT-S-32-{image_size}-") and p.name.endswith("-f8")]
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    cache_bytes = sum(f.stat().st_size for f in folders[0].iterdir())
+    arch = ["--hidden_size", "128", "--num_layers", "4", "--num_heads", "4", "--num_kv_heads", "2",
+            "--vocab_size", "1024", "--num_frames", "8", "--num_visual_tokens", "8", "--summary_dim", "128"]
+
+    def train(feature_dir):
+        out = BENCH / "runs" / f"{image_size}px-{'online' if feature_dir == 'none' else 'cached'}"
+        cmd = ["train_sft.py", "--stage", "video", "--data_path", data / "sft_video.jsonl", "--out_dir", out,
+               "--tokenizer", tokenizer, *arch, *vision, "--batch_size", batch, "--max_steps", steps,
+               "--val_every", "0", "--val_samples", "4", "--no_progress", "--seed", "0"]
+        run(cmd + (["--feature_dir", "none"] if feature_dir == "none" else []), f"train_sft.py ({out.name})")
+        rows = [json.loads(line) for line in (out / "logs" / "sft_video_128.jsonl").read_text().splitlines()]
+        return [r["step_s"] for r in rows[1:]]   # the first step also warms the loader up
+
+    step_s = {"cached": [], "online": []}
+    for _ in range(rounds):
+        for kind in step_s:
+            step_s[kind].append(median(train("none" if kind == "online" else None)))
+    return {"batch": batch, "frames": 8, "encoder": f"ViT-S-32 @{image_size} px", "steps_per_run": steps, "rounds": rounds,
+            "cached_step_s": round(median(step_s["cached"]), 4), "online_step_s": round(median(step_s["online"]), 4),
+            "ratio": speed_ratio(step_s["cached"], step_s["online"]),
+            "cache_bytes_per_video": round(cache_bytes / len(manifest)), "cached_videos": len(manifest)}
+
+
+# ---------------------------------------------------------------- demo and GPU
+
+def demo_times(run_demo: bool) -> dict:
+    path = ROOT / "out" / "demo_times.json"
+    if run_demo:
+        log("running scripts/demo.sh (about 11 minutes) ...")
+        if subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT).returncode:
+            raise BenchError("scripts/demo.sh failed")
+    if not path.exists():
+        return {"source": "out/demo_times.json not found: run bash scripts/demo.sh (or pass --run_demo)"}
+    times = json.loads(path.read_text())
+    written = datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+    return {"source": f"out/demo_times.json written {written}" + (" by this run" if run_demo else ""),
+            "demo_wall_s": times.get("total"), "demo_peak_rss_gb": times.get("peak_rss_gb")}
+
+
+def gpu_peak(device) -> tuple:
+    name = torch.cuda.get_device_name(device)
+    for key, peak in GPU_PEAKS.items():
+        if all(word in name for word in key.split()):
+            return peak, f"{key} data sheet (dense bf16)"
+    return matmul_peak(device, torch.bfloat16, n=8192), "measured 8192² bf16 matmul"
+
+
+def bench_gpu(rounds, workdir):
+    device = torch.device("cuda")
+    peak, peak_source = gpu_peak(device)
+    result = {"device": torch.cuda.get_device_name(device), "peak_flops": peak, "peak_source": peak_source,
+              "measured_matmul_flops": matmul_peak(device, torch.bfloat16, n=8192)}
+    for shape, batch, seq_len in (("26M", 32, 512), ("104M", 16, 1024)):
+        runs = {}
+        for mode in ("eager", "compiled"):
+            run_ = bench_train(shape, batch, seq_len, 1.0, rounds, device, workdir, autocast_dtype=torch.bfloat16,
+                               compile_ours=mode == "compiled")
+            run_["mfu"] = round(run_["ours_tok_s"] * run_["flops_per_token"] / peak, 4)
+            runs[mode] = run_
+        best = max(runs, key=lambda mode: runs[mode]["mfu"])
+        result[shape] = {**runs, "best": best}
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def goal_table(values: dict) -> dict:
+    met = {}
+    for key, op, target in GOALS:
+        value = values.get(key)
+        if isinstance(value, (int, float)):
+            met[key] = bool(value >= target if op == ">=" else value <= target)
+    return met
+
+
+def print_table(values: dict, met: dict):
+    goals = {key: f"{op} {target:g}" for key, op, target in GOALS}
+    print(f"{'metric':<32}{'value':>14}  {'goal':<9}met")
+    for key, value in values.items():
+        if isinstance(value, (dict, list)) or key in ("details", "goals", "met"):
+            continue
+        shown = "—" if value is None else (f"{value:,.3f}" if isinstance(value, float) else str(value))
+        mark = {True: "yes", False: "NO"}.get(met.get(key), "")
+        print(f"{key:<32}{shown:>14}  {goals.get(key, ''):<9}{mark}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
+    p.add_argument("--out", default="out/bench.json")
+    p.add_argument("--rounds", type=int, default=7, help="alternating rounds for the LM and decoding sections")
+    p.add_argument("--frame_rounds", type=int, default=3)
+    p.add_argument("--cache_rounds", type=int, default=2, help="training-run pairs (cached, online)")
+    p.add_argument("--cache_steps", type=int, default=6, help="optimizer steps per training run")
+    p.add_argument("--video_seconds", type=int, default=60)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for both sides (0: torch's default); training runs get OMP_NUM_THREADS")
+    p.add_argument("--run_demo", action="store_true", help="run scripts/demo.sh first (else read out/demo_times.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        sys.exit(f"error: --only: unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    out_path = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    report = json.loads(out_path.read_text()) if out_path.exists() and len(sections) < len(SECTIONS) else {}
+    values, details = report.get("values", {}), report.get("details", {})
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)   # for the train_sft.py runs
+    cpu = torch.device("cpu")
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    details["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "python": platform.python_version(), "measured_at": stamp}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            if "lm" in sections:
+                log("lm: training steps, ours vs transformers LlamaForCausalLM ...")
+                peak_before = matmul_peak(cpu, torch.float32)
+                lm = bench_train("demo", 32, 128, 1.0, args.rounds, cpu, workdir)
+                sft = bench_train("demo", 32, 128, SFT_LABELLED, args.rounds, cpu, workdir)
+                compiled = bench_train("demo", 32, 128, 1.0, args.rounds, cpu, workdir, compile_ours=True)
+                big = bench_train("26M", 8, 256, 1.0, max(3, args.rounds // 2), cpu, workdir)
+                peak = max(peak_before, matmul_peak(cpu, torch.float32))
+                for run_ in (lm, big):
+                    run_["cpu_mfu"] = round(run_["ours_tok_s"] * run_["flops_per_token"] / peak, 4)
+                details["lm"] = {"demo_lm": lm, "demo_sft": sft, "demo_lm_compiled": compiled, "26M_lm": big,
+                                 "cpu_matmul_flops": round(peak), "measured_at": stamp}
+                values.update(train_vs_hf=lm["ratio"], train_vs_hf_sft=sft["ratio"],
+                              train_vs_hf_compiled=compiled["ratio"], train_vs_hf_26M=big["ratio"],
+                              train_tok_s=lm["ours_tok_s"], cpu_mfu=lm["cpu_mfu"], cpu_mfu_26M=big["cpu_mfu"])
+            if "decode" in sections:
+                log("decode: greedy generation, ours vs transformers generate vs no cache ...")
+                small = bench_decode("demo", 64, 64, args.rounds, cpu, workdir)
+                big = bench_decode("26M", 64, 64, max(3, args.rounds // 2), cpu, workdir)
+                details["decode"] = {"demo": small, "26M": big, "measured_at": stamp}
+                values.update(decode_vs_hf=small["ratio_vs_hf"], decode_cache_vs_nocache=small["ratio_vs_nocache"],
+                              decode_tok_s=small["ours_tok_s"], decode_vs_hf_26M=big["ratio_vs_hf"],
+                              decode_cache_vs_nocache_26M=big["ratio_vs_nocache"])
+            if "frames" in sections:
+                log("frames: sampling 8 frames of a 720p clip, ours vs decoding every frame ...")
+                short = bench_frames(args.video_seconds, 30, args.frame_rounds)
+                long = bench_frames(args.video_seconds, 250, args.frame_rounds)
+                pre = bench_preprocess(args.video_seconds, 30, args.frame_rounds)
+                details["frames"] = {"keyframe_every_1s": short, "keyframe_every_250": long, "preprocess": pre,
+                                     "measured_at": stamp}
+                values.update(frames_vs_decode_all=short["ratio"], frames_vs_decode_all_keyint250=long["ratio"],
+                              preprocess_frames_s=pre["preprocess_frames_s"], features_frames_s=pre["features_frames_s"])
+            if "cache" in sections:
+                log("cache: video-SFT steps with cached vs online CLIP features (train_sft.py runs) ...")
+                demo_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=128)
+                own_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=224)
+                details["cache"] = {"demo_128px": demo_size, "own_224px": own_size, "measured_at": stamp}
+                values.update(cached_vs_online=demo_size["ratio"], cached_vs_online_224px=own_size["ratio"],
+                              cache_bytes_per_video=demo_size["cache_bytes_per_video"])
+            if "demo" in sections:
+                demo = demo_times(args.run_demo)
+                details["demo"] = demo
+                values.update(demo_wall_s=demo.get("demo_wall_s"), demo_peak_rss_gb=demo.get("demo_peak_rss_gb"))
+                log(f"demo: {demo['source']}")
+            if "gpu" in sections:
+                if torch.cuda.is_available():
+                    log("gpu: bf16 training steps of the 26M and 104M shapes ...")
+                    gpu = bench_gpu(max(5, args.rounds), workdir)
+                    details["gpu"] = {**gpu, "measured_at": stamp}
+                    for shape in ("26M", "104M"):
+                        best = gpu[shape][gpu[shape]["best"]]   # eager or --compile, whichever is faster
+                        values.update({f"gpu_tok_s_{shape}": best["ours_tok_s"], f"gpu_mfu_{shape}": best["mfu"],
+                                       f"gpu_train_vs_hf_{shape}": best["ratio"]})
+                else:
+                    details["gpu"] = {"skipped": "no CUDA device on this machine", "measured_at": stamp}
+                    log("gpu: skipped (no CUDA device on this machine)")
+    except BenchError as e:
+        sys.exit(f"error: {e}")
+    met = goal_table(values)
+    report = {"values": values, "goals": {k: f"{op} {t:g}" for k, op, t in GOALS}, "met": met, "details": details,
+              "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    # The issue's keys at the top level, next to the structured report.
+    report.update(values)
+    if "gpu_tok_s_104M" in values:
+        report["gpu_tok_s"] = {s_: values[f"gpu_tok_s_{s_}"] for s_ in ("26M", "104M")}
+        report["gpu_mfu"] = {s_: values[f"gpu_mfu_{s_}"] for s_ in ("26M", "104M")}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    print_table(values, met)
+    print(f"→ {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}")
+
+
+if __name__ == "__main__":
+    main()
