@@ -45,11 +45,13 @@ class VideoLLM(nn.Module):
             return self.lm.logits(hidden)
         targets = labels[:, 1:]
         scored = targets != -100
+        if bool(scored.all()):   # every position has a target: no gather (and scatter back) needed
+            logits = self.lm.logits(hidden[:, :-1])
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"), scored.sum()
         # Only positions with a target go through the output head: in SFT most positions are
         # prompt and visual tokens, and their logits would be computed only to be ignored.
         logits = self.lm.logits(hidden[:, :-1][scored])
-        loss_sum = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
-        return loss_sum, scored.sum()
+        return F.cross_entropy(logits.float(), targets[scored], reduction="sum"), scored.sum()
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, frames=None, frame_mask=None,

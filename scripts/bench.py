@@ -2,11 +2,11 @@
 the obvious alternatives, measured in one run as ratios (ours ÷ theirs in speed: higher is better);
 prints a table and writes out/bench.json.
 
-    python scripts/bench.py                      # every CPU section (~10 min on 2 cores); CUDA section when a GPU is present
+    python scripts/bench.py                      # every CPU section (~20 min on 2 cores); CUDA section when a GPU is present
     python scripts/bench.py --only lm,decode     # some sections (merged into an existing out/bench.json)
     python scripts/bench.py --run_demo           # also run scripts/demo.sh (~11 min) for demo_wall_s / demo_peak_rss_gb
 
-Ours and theirs alternate (A B A B ...) and ratios are medians of per-round ratios, so a shared,
+Ours and theirs alternate (A B, B A, ...) and ratios are medians of per-round ratios, so a shared,
 noisy machine slows both sides alike. Absolute times on a CPU are not comparable between runs.
 """
 import os
@@ -54,7 +54,7 @@ GOALS = [("train_vs_hf", ">=", 1.3), ("decode_vs_hf", ">=", 2.0), ("frames_vs_de
 # Dense bf16 peak of known GPUs (FLOP/s, from their data sheets); others use a measured matmul peak.
 GPU_PEAKS = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
              "H200": 989e12, "A100": 312e12}
-SFT_LABELLED = 0.35   # share of a row that is the assistant's answer in the SFT-shaped batch (the demo's video SFT: ~1/3)
+SFT_LABELLED = 0.12   # share of a row that is the answer in the SFT-shaped batch (make_synthetic's video SFT: 12 %)
 BENCH = ROOT / "out" / "bench"
 
 
@@ -69,7 +69,8 @@ def log(message):
 # ---------------------------------------------------------------- measuring
 
 def alternate(candidates: dict, rounds: int, warmup: int = 1, cpu_times: dict = None) -> dict:
-    """Run every candidate once per round, in turn (A B A B ...), after warm-up rounds → {name: [seconds]}.
+    """Run every candidate once per round, in turn, the order reversed every other round (A B, B A,
+    ...: neither side always runs first), after warm-up rounds → {name: [seconds]}.
 
     cpu_times, if given, collects each run's process CPU seconds too: with one thread they leave
     out the time other processes held the core.
@@ -78,8 +79,9 @@ def alternate(candidates: dict, rounds: int, warmup: int = 1, cpu_times: dict = 
         for run in candidates.values():
             run()
     times = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, run in candidates.items():
+    for round_ in range(rounds):
+        order = list(candidates.items())
+        for name, run in (order if round_ % 2 == 0 else order[::-1]):
             sync()
             start, start_cpu = time.perf_counter(), time.process_time()
             run()

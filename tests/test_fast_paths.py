@@ -100,11 +100,12 @@ def test_last_only_logits_are_the_last_row_of_the_full_logits(make_vlm):
     torch.testing.assert_close(lm(x, last_only=True), lm(x)[:, -1:], atol=1e-6, rtol=0)
 
 
-def test_loss_on_labelled_positions_only_has_the_full_logits_gradients(make_vlm):
+@pytest.mark.parametrize("prompt_len", [6, 0])   # SFT-like labels, and every position labelled
+def test_loss_on_labelled_positions_only_has_the_full_logits_gradients(make_vlm, prompt_len):
     model = make_vlm().train()
     ids = torch.randint(4, 64, (2, 10))
     labels = ids.clone()
-    labels[:, :6] = -100
+    labels[:, :prompt_len] = -100
     loss_sum, count = model(ids, labels)
     loss_sum.backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -113,7 +114,7 @@ def test_loss_on_labelled_positions_only_has_the_full_logits_gradients(make_vlm)
     reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                                   ignore_index=-100, reduction="sum")
     reference.backward()
-    assert int(count) == 8
+    assert int(count) == 2 * (9 - max(prompt_len - 1, 0))
     torch.testing.assert_close(loss_sum, reference)
     for name, grad in fast.items():
         torch.testing.assert_close(grad, model.get_parameter(name).grad, atol=1e-6, rtol=1e-5, msg=name)
