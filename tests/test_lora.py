@@ -71,17 +71,17 @@ def lora_sft(train, synthetic, weight_flags, out_dir, *extra):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, video_checkpoint, synthetic, weight_flags, train):
-    """(out dir holding the base sft_video_32.safetensors, the adapter folder, the run's stderr, base sha)."""
+    """(out dir holding the base sft_video_32.safetensors, the adapter folder, the run's stdout, base sha)."""
     out = tmp_path_factory.mktemp("lora") / "out"
     out.mkdir()
     shutil.copy(video_checkpoint, out / "sft_video_32.safetensors")
     sha = lora.file_sha256(out / "sft_video_32.safetensors")
     result = lora_sft(train, synthetic, weight_flags, out, "--max_steps=4", "--save_every=2")
-    return out, out / "sft_video_32_lora", result.stderr, sha
+    return out, out / "sft_video_32_lora", result.stdout, sha
 
 
 def test_lora_run_writes_a_peft_adapter_folder_beside_its_base(lora_run):
-    out, adapter, stderr, base_sha = lora_run
+    out, adapter, stdout, base_sha = lora_run
     assert {"adapter_config.json", "adapter_model.safetensors", "training_info.json"} <= {
         p.name for p in adapter.iterdir()}
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -97,7 +97,7 @@ def test_lora_run_writes_a_peft_adapter_folder_beside_its_base(lora_run):
     metrics = json.loads((out / "logs" / "sft_video_32_lora.metrics.json").read_text())
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     share = 100 * metrics["trainable_params"] / metrics["total_params"]
-    assert f"({share:.2f}%" in stderr
+    assert f"({share:.2f}%" in stdout
     assert not (out / "sft_video_32_lora.safetensors").exists()   # no full checkpoint from a LoRA run
 
 
