@@ -171,16 +171,21 @@ def decode_sampled(path, indices, total: int):
         return None
 
 
+def check_file(path: str, kind: str) -> None:
+    """MediaError unless `path` is an existing, non-empty file (what decord would report less clearly)."""
+    if not Path(path).is_file():
+        raise MediaError(f"{path}: {kind} file not found")
+    if Path(path).stat().st_size == 0:
+        raise MediaError(f"{path}: empty file")
+
+
 def read_video(path, num_frames: int, fps=None) -> np.ndarray:
     """uint8 (num_frames, H, W, 3): uniform over the whole clip, or at `fps` (see sample_frames).
 
     Frames larger than MAX_VIDEO_PIXELS come back scaled down (decoded that way, so memory stays bounded).
     """
     path = str(path)
-    if not Path(path).is_file():
-        raise MediaError(f"{path}: video file not found")
-    if Path(path).stat().st_size == 0:
-        raise MediaError(f"{path}: empty file")
+    check_file(path, "video")
     try:
         import decord
         width, height = decode_size(path)
@@ -239,10 +244,7 @@ def read_image(path) -> np.ndarray:
 def probe_media(path, kind: str) -> None:
     """Open the file and read its header (a video's frame count) without decoding frames; MediaError if unusable."""
     path = str(path)
-    if not Path(path).is_file():
-        raise MediaError(f"{path}: {kind} file not found")
-    if Path(path).stat().st_size == 0:
-        raise MediaError(f"{path}: empty file")
+    check_file(path, kind)
     try:
         if kind == "video":
             import decord
