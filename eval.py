@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 from dataset.features import open_cache
 from dataset.media import MediaError, read_media, sampling_rate
 from dataset.metrics import CAPTION_CATEGORIES, CaptionMetricsUnavailable, caption_scores, exact_match
-from dataset.metrics import normalise  # noqa: F401 -- kept importable as eval.normalise
 from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
 from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint

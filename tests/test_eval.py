@@ -81,7 +81,7 @@ def test_missing_or_corrupt_video_is_one_line_naming_it(video_checkpoint, tmp_pa
 
 
 def test_normalise_ignores_case_punctuation_and_spacing():
-    normalise = importlib.import_module("eval").normalise
+    from dataset.metrics import normalise
     assert normalise("A red  circle.") == normalise("a red circle") == "a red circle"
     assert normalise("  Left!\n") == "left"
     assert normalise("The red, then the blue") == "the red then the blue"
