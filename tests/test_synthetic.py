@@ -188,12 +188,34 @@ def test_ring_is_hollow_and_round():
     assert not ring[32, 32] and ring[32, 32 + 18] and ring[32 + 18, 32]   # hole in the middle, rim at 18 px
     assert not ring[32, 32 + 21] and not ring[13, 13]                     # nothing outside the circle
     disc = ms.shape_mask("circle", (32.0, 32.0), 40.0, xs, ys)
-    assert (ring & ~disc).sum() == 0 and 0.6 < ring.sum() / disc.sum() < 0.75
+    assert (ring & ~disc).sum() == 0 and abs(ring.sum() / disc.sum() - (1 - ms.RING_INNER ** 2)) < 0.05
 
 
-def test_training_draws_sequence_videos_twice_as_often_and_test_does_not():
+def test_training_draws_sequence_videos_more_often_and_test_does_not():
     _, train, test, _ = ms.make_all_scenes(seed=3, n_videos=2000, n_images=0, n_test=2000, size=64, frames=8)
     share = lambda scenes: sum(s.kind == "sequence" for s in scenes) / len(scenes)  # noqa: E731
     standard = [s for s in test if s.subset == "standard"]
-    assert abs(share(train) - 2 / 5) < 0.04      # weights 1:1:1:2
+    weights = ms.TRAIN_KIND_WEIGHTS
+    assert weights["sequence"] > weights["single"]
+    assert abs(share(train) - weights["sequence"] / sum(weights.values())) < 0.04
     assert abs(share(standard) - 1 / 4) < 0.04   # uniform over the four kinds
+
+
+def test_two_object_images_bind_colour_to_shape_in_pixels_and_text(tmp_path):
+    """Two-object images: distinct colours and shapes at opposite sides, both named in the caption,
+    the questions ask about the first, and the pixels show each colour on its own side."""
+    _, _, _, images = ms.make_all_scenes(seed=5, n_videos=1, n_images=400, n_test=1, size=64, frames=8)
+    pairs = [s for s in images if len(s.objects) == 2]
+    assert abs(len(pairs) / len(images) - ms.TWO_OBJECT_IMAGE_FRACTION) < 0.08
+    for scene in pairs[:40]:
+        first, second = scene.objects
+        assert first.colour != second.colour and first.shape != second.shape
+        assert (first.position, second.position) in ms.OPPOSITE_POSITIONS + tuple(p[::-1] for p in ms.OPPOSITE_POSITIONS)
+        qa = {category: answer for category, _, answer in ms.image_qa_pairs(scene)}
+        assert qa["colour"] == first.colour and qa["shape"] == first.shape and qa["count"] == "two"
+        assert f"{first.colour} {first.shape}" in qa["caption"] and f"{second.colour} {second.shape}" in qa["caption"]
+        pixels = ms.render_image(scene, 64)
+        for obj in scene.objects:
+            mask = colour_mask(pixels[None], obj.colour)[0]
+            ys, xs = np.nonzero(mask)
+            assert abs(xs.mean() - obj.centre[0]) < 8 and abs(ys.mean() - obj.centre[1]) < 8
