@@ -43,7 +43,7 @@ from trainer import make_optimizer  # noqa: E402
 SECTIONS = ("lm", "decode", "frames", "cache", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
 SHAPES = {
-    "demo": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),   # scripts/demo.sh
+    "demo": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),   # the demo LM's width, 4 layers
     "26M": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, vocab_size=6400),    # MiniMind2-small
     "104M": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, vocab_size=6400),  # MiniMind2
 }
@@ -336,15 +336,18 @@ def bench_frames(seconds, keyint, rounds, num_frames=8):
             "decode_all_auto_threads_s": round(threaded, 3), "same_frames": bool(same)}
 
 
+DEMO_TOWER = "ViT-Demo-16"   # scripts/demo.sh's CLIP_MODEL (model/vision_model/ViT-Demo-16.json)
+
+
 def vision_weights(image_size: int = 128) -> Path:
-    """The demo's random ViT-S-32 tower (128 px; 224 px is the architecture's own size), written once if absent."""
+    """The demo's random tower at image_size px (128: the demo's), written once if absent."""
     from model.vision import VISION_DIR, save_random_tower
-    path = VISION_DIR / f"ViT-S-32-{image_size}-random-seed0.safetensors"
+    path = VISION_DIR / f"{DEMO_TOWER}-{image_size}-random-seed0.safetensors"
     if not path.exists():
         path = BENCH / path.name
         if not path.exists():
             BENCH.mkdir(parents=True, exist_ok=True)
-            save_random_tower("ViT-S-32", image_size, 0, str(path))
+            save_random_tower(DEMO_TOWER, image_size, 0, str(path))
     return path
 
 
@@ -352,12 +355,12 @@ def bench_preprocess(seconds, keyint, rounds, num_frames=8):
     """Sampled frames per second through our whole path: read → CLIP transform (→ CLIP features)."""
     from model.vision import FrameEncoder
     path = test_video(seconds, keyint)
-    encoder = FrameEncoder(VisionConfig(clip_model="ViT-S-32", clip_image_size=128,
+    encoder = FrameEncoder(VisionConfig(clip_model=DEMO_TOWER, clip_image_size=128,
                                         clip_pretrained=str(vision_weights())))
     with torch.no_grad():
         times = alternate({"pixels": lambda: encoder.pixels(read_video(path, num_frames)),
                            "features": lambda: encoder.encode(read_video(path, num_frames))}, rounds)
-    return {"video": str(path.relative_to(ROOT)), "encoder": "ViT-S-32 @128 px (the demo's)",
+    return {"video": str(path.relative_to(ROOT)), "encoder": f"{DEMO_TOWER} @128 px (the demo's)",
             "preprocess_frames_s": round(num_frames / median(times["pixels"]), 2),
             "features_frames_s": round(num_frames / median(times["features"]), 2)}
 
@@ -385,14 +388,14 @@ def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
     if not (tokenizer / "tokenizer.json").exists():
         train_tokenizer([data / "sft_video.jsonl"], tokenizer, 1024)
     weights = vision_weights(image_size)
-    vision = ["--clip_model", "ViT-S-32", "--clip_image_size", str(image_size), "--clip_pretrained", weights]
+    vision = ["--clip_model", DEMO_TOWER, "--clip_image_size", str(image_size), "--clip_pretrained", weights]
     run(["scripts/extract_features.py", "--data", data / "sft_video.jsonl", *vision, "--num_frames", "8"],
         "extract_features.py")
     folders = [p for p in (data / "features").iterdir()
-               if p.is_dir() and p.name.startswith(f"ViT-S-32-{image_size}-") and p.name.endswith("-f8")]
+               if p.is_dir() and p.name.startswith(f"{DEMO_TOWER}-{image_size}-") and p.name.endswith("-f8")]
     manifest = json.loads((folders[0] / "manifest.json").read_text())
     cache_bytes = sum(f.stat().st_size for f in folders[0].iterdir())
-    arch = ["--hidden_size", "128", "--num_layers", "4", "--num_heads", "4", "--num_kv_heads", "2",
+    arch = ["--hidden_size", "128", "--num_layers", "2", "--num_heads", "4", "--num_kv_heads", "2",
             "--vocab_size", "1024", "--num_frames", "8", "--num_visual_tokens", "8", "--summary_dim", "128"]
 
     def train(feature_dir):
@@ -408,7 +411,7 @@ def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
     for _ in range(rounds):
         for kind in step_s:
             step_s[kind].append(median(train("none" if kind == "online" else None)))
-    return {"batch": batch, "frames": 8, "encoder": f"ViT-S-32 @{image_size} px", "steps_per_run": steps, "rounds": rounds,
+    return {"batch": batch, "frames": 8, "encoder": f"{DEMO_TOWER} @{image_size} px", "steps_per_run": steps, "rounds": rounds,
             "cached_step_s": round(median(step_s["cached"]), 4), "online_step_s": round(median(step_s["online"]), 4),
             "ratio": speed_ratio(step_s["cached"], step_s["online"]),
             "cache_bytes_per_video": round(cache_bytes / len(manifest)), "cached_videos": len(manifest)}

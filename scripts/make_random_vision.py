@@ -9,7 +9,7 @@ from model.vision import VISION_DIR, save_random_tower  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--clip_model", default="ViT-S-32", help="open_clip architecture (or a json in model/vision_model/)")
+    p.add_argument("--clip_model", default="ViT-Demo-16", help="open_clip architecture (or a json in model/vision_model/)")
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default: model/vision_model/<model>-<size>-random-seed<seed>.safetensors")
