@@ -6,16 +6,18 @@
 # Step times and peak memory go to out/demo_times.json, the settings to out/demo_settings.json.
 #
 #   bash scripts/demo.sh
-#   N_VIDEOS=60 PRE_EPOCHS=1 IMG_EPOCHS=1 VID_EPOCHS=1 DIM=64 LAYERS=2 bash scripts/demo.sh   # smoke run
+#   N_VIDEOS=60 N_IMAGES=60 N_TEST=60 PRE_EPOCHS=1 IMG_EPOCHS=1 VID_EPOCHS=1 DIM=64 bash scripts/demo.sh   # smoke run
 set -euo pipefail
 
 # ============================ settings (env-overridable) =============================
 # --- data
-N_VIDEOS=${N_VIDEOS:-1000}      # training videos (as many images); test videos: max(60, N_VIDEOS/5)
+N_VIDEOS=${N_VIDEOS:-3000}      # training videos (binding two objects is data-hungry: README, stand-in encoder)
+N_IMAGES=${N_IMAGES:-1500}      # training images (3 in 4 hold two objects)
+N_TEST=${N_TEST:-200}           # test videos (30% of them novel_combo)
 SEED=${SEED:-0}                 # dataset seed
 VOCAB=${VOCAB:-1024}            # BPE tokenizer size = LM vocab_size
 # --- frozen vision encoder (random, seeded) and the visual path
-CLIP_MODEL=${CLIP_MODEL:-ViT-S-32}
+CLIP_MODEL=${CLIP_MODEL:-ViT-Demo-16}  # model/vision_model/ViT-Demo-16.json: 3 layers, width 256, 16-px patches
 CLIP_SIZE=${CLIP_SIZE:-128}
 VISION_SEED=${VISION_SEED:-0}
 FRAMES=${FRAMES:-8}             # frames sampled per video
@@ -23,14 +25,14 @@ K=${K:-8}                       # visual tokens per image/video
 SUMMARY_DIM=${SUMMARY_DIM:-128}
 # --- language model
 DIM=${DIM:-128}
-LAYERS=${LAYERS:-4}
+LAYERS=${LAYERS:-2}
 HEADS=${HEADS:-4}
 KV=${KV:-2}
 # --- training
 BS=${BS:-32}
-PRE_EPOCHS=${PRE_EPOCHS:-4}
+PRE_EPOCHS=${PRE_EPOCHS:-2}
 IMG_EPOCHS=${IMG_EPOCHS:-2}
-VID_EPOCHS=${VID_EPOCHS:-10}
+VID_EPOCHS=${VID_EPOCHS:-6}
 PRE_LR=${PRE_LR:-2e-3}
 SFT_LR=${SFT_LR:-2e-3}
 TRAIN_SEED=${TRAIN_SEED:-42}
@@ -38,9 +40,9 @@ VAL_EVERY=${VAL_EVERY:-50}
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}  # appended to every training command, e.g. "--warmup_steps 50"
 # --- switches
 ABLATION=${ABLATION:-1}         # 0: skip the mean-summary ablation
-FRESH_DATA=${FRESH_DATA:-1}     # 0: keep dataset/synthetic (and its feature cache) if meta.json has the same seed and N_VIDEOS
+FRESH_DATA=${FRESH_DATA:-1}     # 0: keep dataset/synthetic (and its feature cache) if meta.json has the same seed and counts
 # =====================================================================================
-SETTINGS=(N_VIDEOS SEED VOCAB CLIP_MODEL CLIP_SIZE VISION_SEED FRAMES K SUMMARY_DIM DIM LAYERS HEADS KV
+SETTINGS=(N_VIDEOS N_IMAGES N_TEST SEED VOCAB CLIP_MODEL CLIP_SIZE VISION_SEED FRAMES K SUMMARY_DIM DIM LAYERS HEADS KV
           BS PRE_EPOCHS IMG_EPOCHS VID_EPOCHS PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATION)
 
 cd "$(dirname "$0")/.."
@@ -97,19 +99,21 @@ python -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.
   "${pairs[@]}" > out/demo_settings.json
 
 # 1. data (a dataset made with other settings is removed, feature cache included)
-if [ "$FRESH_DATA" = 0 ] && python - "$DATA/meta.json" "$SEED" "$N_VIDEOS" <<'PY'
+if [ "$FRESH_DATA" = 0 ] && python - "$DATA/meta.json" "$SEED" "$N_VIDEOS" "$N_IMAGES" "$N_TEST" <<'PY'
 import json, sys
 try:
     meta = json.load(open(sys.argv[1]))
-    sys.exit(0 if (meta["seed"], meta["counts"]["train_videos"]) == (int(sys.argv[2]), int(sys.argv[3])) else 1)
+    counts = meta["counts"]
+    same = (meta["seed"], counts["train_videos"], counts["images"], counts["test_videos"]) == tuple(map(int, sys.argv[2:]))
+    sys.exit(0 if same else 1)
 except (OSError, ValueError, KeyError):
     sys.exit(1)
 PY
 then
-  echo "==> [data] keeping $DATA (same seed and N_VIDEOS; FRESH_DATA=0)"
+  echo "==> [data] keeping $DATA (same seed and counts; FRESH_DATA=0)"
 else
   rm -rf "$DATA"
-  step data python scripts/make_synthetic.py --out "$DATA" --n_videos "$N_VIDEOS" --seed "$SEED"
+  step data python scripts/make_synthetic.py --out "$DATA" --n_videos "$N_VIDEOS" --n_images "$N_IMAGES" --n_test "$N_TEST" --seed "$SEED"
 fi
 
 # 2. tokenizer
