@@ -43,7 +43,7 @@ from trainer import make_optimizer  # noqa: E402
 SECTIONS = ("lm", "decode", "frames", "cache", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
 SHAPES = {
-    "demo": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),   # the demo LM's width, 4 layers
+    "small": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),  # the demo LM's width, 4 layers
     "26M": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, vocab_size=6400),    # MiniMind2-small
     "104M": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, vocab_size=6400),  # MiniMind2
 }
@@ -528,23 +528,23 @@ def main(argv=None):
             if "lm" in sections:
                 log("lm: training steps, ours vs transformers LlamaForCausalLM ...")
                 peak_before = matmul_peak(cpu, torch.float32)
-                lm = bench_train("demo", 32, 128, 1.0, args.rounds, cpu, workdir)
-                sft = bench_train("demo", 32, 128, SFT_LABELLED, args.rounds, cpu, workdir)
-                compiled = bench_train("demo", 32, 128, 1.0, args.rounds, cpu, workdir, compile_ours=True)
+                lm = bench_train("small", 32, 128, 1.0, args.rounds, cpu, workdir)
+                sft = bench_train("small", 32, 128, SFT_LABELLED, args.rounds, cpu, workdir)
+                compiled = bench_train("small", 32, 128, 1.0, args.rounds, cpu, workdir, compile_ours=True)
                 big = bench_train("26M", 8, 256, 1.0, max(3, args.rounds // 2), cpu, workdir)
                 peak = max(peak_before, matmul_peak(cpu, torch.float32))
                 for run_ in (lm, big):
                     run_["cpu_mfu"] = round(run_["ours_tok_s"] * run_["flops_per_token"] / peak, 4)
-                details["lm"] = {"demo_lm": lm, "demo_sft": sft, "demo_lm_compiled": compiled, "26M_lm": big,
+                details["lm"] = {"small_lm": lm, "small_sft": sft, "small_lm_compiled": compiled, "26M_lm": big,
                                  "cpu_matmul_flops": round(peak), "measured_at": stamp}
                 values.update(train_vs_hf=lm["ratio"], train_vs_hf_sft=sft["ratio"],
                               train_vs_hf_compiled=compiled["ratio"], train_vs_hf_26M=big["ratio"],
                               train_tok_s=lm["ours_tok_s"], cpu_mfu=lm["cpu_mfu"], cpu_mfu_26M=big["cpu_mfu"])
             if "decode" in sections:
                 log("decode: greedy generation, ours vs transformers generate vs no cache ...")
-                small = bench_decode("demo", 64, 64, args.rounds, cpu, workdir)
+                small = bench_decode("small", 64, 64, args.rounds, cpu, workdir)
                 big = bench_decode("26M", 64, 64, max(3, args.rounds // 2), cpu, workdir)
-                details["decode"] = {"demo": small, "26M": big, "measured_at": stamp}
+                details["decode"] = {"small": small, "26M": big, "measured_at": stamp}
                 values.update(decode_vs_hf=small["ratio_vs_hf"], decode_cache_vs_nocache=small["ratio_vs_nocache"],
                               decode_tok_s=small["ours_tok_s"], decode_vs_hf_26M=big["ratio_vs_hf"],
                               decode_cache_vs_nocache_26M=big["ratio_vs_nocache"])
