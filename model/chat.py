@@ -4,6 +4,7 @@ import re
 IGNORE = -100
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"]
 VISION_PAD = "<|vision_pad|>"
+TEXT_CACHE_ENTRIES = 1 << 16   # distinct strings whose ids ChatEncoder keeps (bounded for real corpora)
 MEDIA_MARKER = re.compile(r"(<video>|<image>)")
 # The same text our ids spell out; stored with the tokenizer so HF tools format chats identically.
 CHAT_TEMPLATE = (
@@ -70,12 +71,20 @@ class ChatEncoder:
         self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
         self.vision_pad = ids(VISION_PAD)
         self.pad_id = ids("<|endoftext|>")
+        # Role lines, questions and short answers recur in sample after sample, and each tokenizer
+        # call costs ~60 µs of Python: uncached, that was 12% of a demo training step.
+        self._text_ids = {}
         self.newline = self.text("\n")
 
     def text(self, s: str) -> list:
-        # split_special_tokens: "<|im_start|>" typed by a user is text, never a control token.
-        # verbose=False: the dataset checks lengths against max_len itself (one line per skipped sample).
-        return self.tok(s, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+        ids = self._text_ids.get(s)
+        if ids is None:
+            # split_special_tokens: "<|im_start|>" typed by a user is text, never a control token.
+            # verbose=False: the dataset checks lengths against max_len itself (one line per skipped sample).
+            ids = self.tok(s, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+            if len(self._text_ids) < TEXT_CACHE_ENTRIES:
+                self._text_ids[s] = ids
+        return list(ids)
 
     def content(self, s: str, media_kinds: list) -> list:
         """User text with each <video>/<image> marker replaced by K slots; records marker kinds."""

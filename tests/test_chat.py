@@ -111,3 +111,16 @@ def test_wrong_role_order_is_a_bad_sample(chat, roles):
 def test_malformed_conversations_are_bad_samples(chat, conv):
     with pytest.raises(BadSample):
         chat.encode(conv)
+
+
+def test_role_words_are_single_tokens_of_the_trained_tokenizer(chat):
+    # train_tokenizer.py trains on the text as the template spells it, role lines included.
+    assert len(chat.text("user\n")) == 2 and len(chat.text("assistant\n")) == 2
+
+
+def test_cached_text_ids_are_the_tokenizers_and_safe_to_change(chat):
+    text = "What colour is the ring?"
+    fresh = chat.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    first = chat.text(text)
+    first.append(-1)   # a caller that extends the ids it got must not change what the next one gets
+    assert chat.text(text) == fresh
