@@ -370,6 +370,20 @@ def video_qa_pairs(scene: VideoScene) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def second_mover_pairs(scene: VideoScene) -> list[tuple[str, str, str]]:
+    """Training-only questions about the other object of a "sequence" video (the test asks about
+    the primary only). Both objects move there, so "which way does X move?" needs each motion bound
+    to its object; asking about both doubles that supervision without a single extra video."""
+    if scene.kind != "sequence":
+        return []
+    second = scene.objects[1]
+    return [
+        ("colour", f"What colour is the {second.shape}?", second.colour),
+        ("shape", f"What shape is the {second.colour} object?", second.shape),
+        ("direction", f"Which way does the {describe(second)} move?", second.motion),
+    ]
+
+
 def image_caption(scene: ImageScene) -> str:
     parts = [f"{with_article(f'{o.colour} {o.shape}')} {IMAGE_POSITION_PHRASES[o.position]}" for o in scene.objects]
     return " and ".join([parts[0]] + [p[0].lower() + p[1:] for p in parts[1:]]) + "."
@@ -425,7 +439,8 @@ def build_splits(seed, train, test, images):
     pretrain, sft_image, sft_video, test_lines = [], [], [], []
     for index, scene in enumerate(train):
         rng = item_rng(seed, STREAM_TRAIN_TEXT, index)
-        qa_list = [vary_caption_prompt(rng, qa, VIDEO_CAPTION_PROMPTS) for qa in video_qa_pairs(scene)]
+        qa_list = [vary_caption_prompt(rng, qa, VIDEO_CAPTION_PROMPTS)
+                   for qa in video_qa_pairs(scene) + second_mover_pairs(scene)]
         path = video_path(scene)
         caption = next(qa for qa in qa_list if qa[0] == "caption")
         pretrain.append(sample(f"{scene.name}-cap", "video", path, "<video>", [caption], "caption"))

@@ -219,3 +219,25 @@ def test_two_object_images_bind_colour_to_shape_in_pixels_and_text(tmp_path):
             mask = colour_mask(pixels[None], obj.colour)[0]
             ys, xs = np.nonzero(mask)
             assert abs(xs.mean() - obj.centre[0]) < 8 and abs(ys.mean() - obj.centre[1]) < 8
+
+
+def test_sequence_training_asks_about_both_movers_and_the_test_about_the_first_only(dataset):
+    out, _ = dataset
+    captions = {}
+    for record in read_jsonl(out / "pretrain.jsonl"):
+        if "video" in record:
+            captions[record["video"]] = record["conversations"][1]["content"]
+    checked = 0
+    for record in read_jsonl(out / "sft_video.jsonl"):
+        objects = caption_objects(captions[record["video"]])
+        turns = record["conversations"]
+        asked = {(q["content"].split("\n")[-1], a["content"]) for q, a in zip(turns[::2], turns[1::2])}
+        expected = {(f"Which way does the {c} {s} move?", m) for c, s, m in objects}
+        if ", then" in captions[record["video"]]:
+            assert expected <= asked, record["id"]   # both objects' directions, each bound to its object
+            checked += 1
+        else:
+            assert len([q for q, _ in asked if q.startswith("Which way")]) == 1, record["id"]
+    assert checked > 0
+    for record in read_jsonl(out / "test.jsonl"):
+        assert len(record["conversations"]) == 2
