@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The whole offline pipeline on a CPU (2 cores, no internet), from a clean checkout:
 #   synthetic data → tokenizer → seeded RANDOM open_clip tower → cached CLIP features →
-#   pretrain → image SFT → video SFT → eval, then the same three stages with the `mean`
+#   pretrain → image SFT → video SFT → eval, and beside it the same three stages with the `mean`
 #   VideoSummary (ablation) → eval → out/report.md, out/metrics.json (+ two PNGs).
+# Independent work runs in two lanes side by side, each on half the cores (feature extraction in
+# two parts; the model and the ablation): on 2 cores two 1-thread processes do ~1.4x the work of
+# one 2-thread process, and the results are bitwise the same (every run is thread-count independent).
 # Step times and peak memory go to out/demo_times.json, the settings to out/demo_settings.json.
 #
 #   bash scripts/demo.sh
@@ -53,45 +56,77 @@ export PYTHONUNBUFFERED=1
 DATA=dataset/synthetic
 VISION="model/vision_model/${CLIP_MODEL}-${CLIP_SIZE}-random-seed${VISION_SEED}.safetensors"
 mkdir -p out
-STEPS_TSV=out/.demo_steps.tsv          # name, seconds, peak RSS kB (one line per finished step)
+STEPS_TSV=out/.demo_steps.tsv          # name, seconds, peak RSS kB, lane (one line per finished step)
 : > "$STEPS_TSV"
 START=$(date +%s.%N)
+CORES=$(nproc 2>/dev/null || echo 2)
+LANE_THREADS=$(( CORES >= 4 ? CORES / 2 : 1 ))   # torch threads per lane when two lanes run at once
+LANE=-                                            # the lane of the steps being run ("-": alone)
 
 # /usr/bin/time -v gives each step's peak resident memory (package `time`); optional.
 if [ -x /usr/bin/time ] && /usr/bin/time -v -o /dev/null true 2>/dev/null; then
-  TIMER=(/usr/bin/time -v -o out/.demo_step.time)
+  TIMER=(/usr/bin/time -v -o)
 else
   TIMER=()
   echo "note: /usr/bin/time not found (apt package 'time'): peak memory is not recorded" >&2
 fi
 
-write_times() {   # out/demo_times.json {step: seconds, "total", "peak_rss_gb"}; out/demo_rss.json {step: GB}
+write_times() {   # out/demo_times.json {step: seconds, "total", "peak_rss_gb", "lanes"}; out/demo_rss.json {step: GB}
   python - "$STEPS_TSV" "$START" "$(date +%s.%N)" <<'PY'
-import json, sys
+import collections, json, os, sys
 rows = [line.split("\t") for line in open(sys.argv[1]).read().splitlines() if line]
-times = {name: round(float(sec), 2) for name, sec, _ in rows}
+times = {name: round(float(sec), 2) for name, sec, _, _ in rows}
 times["total"] = round(float(sys.argv[3]) - float(sys.argv[2]), 2)
-rss = {name: round(int(kb) / 1024 ** 2, 3) for name, _, kb in rows if kb.strip()}
+rss = {name: round(int(kb) / 1024 ** 2, 3) for name, _, kb, _ in rows if kb.strip()}
 if rss:
-    times["peak_rss_gb"] = max(rss.values())
-open("out/demo_times.json", "w").write(json.dumps(times, indent=1) + "\n")
-open("out/demo_rss.json", "w").write(json.dumps(rss, indent=1) + "\n")
+    # Side-by-side lanes (group:lane) hold memory at the same time: a group's peak is the sum of
+    # its lanes' largest steps (an upper bound); the demo's peak is the largest step or group.
+    lanes = collections.defaultdict(float)
+    for name, _, _, lane in rows:
+        if name in rss and lane != "-":
+            lanes[lane] = max(lanes[lane], rss[name])
+    groups = collections.defaultdict(float)
+    for lane, gb in lanes.items():
+        groups[lane.split(":")[0]] += gb
+    times["peak_rss_gb"] = round(max(list(rss.values()) + list(groups.values())), 3)
+times["lanes"] = {name: lane for name, _, _, lane in rows if lane != "-"}
+for path, value in (("out/demo_times.json", times), ("out/demo_rss.json", rss)):
+    tmp = f"{path}.{os.getpid()}.tmp"   # two lanes may write at once: replace, never interleave
+    open(tmp, "w").write(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
 PY
 }
 
-step() {   # step NAME COMMAND...: run it, time it, record seconds and peak RSS
+step() {   # step NAME COMMAND...: run it, time it, record seconds, peak RSS and $LANE
   local name=$1; shift
   echo "==> [$name] $*"
-  local t0 t1 kb=""
+  local t0 t1 kb="" line timing="out/.demo_step.$name.time"
   t0=$(date +%s.%N)
-  ${TIMER[@]+"${TIMER[@]}"} "$@"
+  ${TIMER[@]+"${TIMER[@]}" "$timing"} "$@"
   t1=$(date +%s.%N)
   if [ ${#TIMER[@]} -gt 0 ]; then
-    kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' out/.demo_step.time)
+    kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$timing")
+    rm -f "$timing"
   fi
-  printf '%s\t%s\t%s\n' "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')" "$kb" >> "$STEPS_TSV"
+  line=$(printf '%s\t%s\t%s\t%s' "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')" "$kb" "$LANE")
+  echo "$line" >> "$STEPS_TSV"   # one short append per step: lanes never interleave within a line
   write_times
-  echo "    [$name] $(tail -n 1 "$STEPS_TSV" | cut -f2) s"
+  echo "    [$name] $(cut -f2 <<< "$line") s"
+}
+
+side_by_side() {   # side_by_side GROUP "TAG1 CMD1..." "TAG2 CMD2...": two lanes at once, output tagged; fails if either fails
+  local group=$1 pids=() spec tag failed=0
+  shift
+  for spec in "$@"; do
+    tag=${spec%% *}
+    # shellcheck disable=SC2086
+    ( set -o pipefail
+      export LANE="$group:$tag" OMP_NUM_THREADS=$LANE_THREADS
+      eval "${spec#* }" 2>&1 | sed -u "s/^/[$tag] /" ) &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  [ "$failed" = 0 ] || { echo "error: a side-by-side lane of '$group' failed (see its [tag] lines above)" >&2; exit 1; }
 }
 
 pairs=(); for v in "${SETTINGS[@]}"; do pairs+=("$v=${!v}"); done
@@ -125,9 +160,13 @@ step vision python scripts/make_random_vision.py --clip_model "$CLIP_MODEL" --im
   --seed "$VISION_SEED" --out "$VISION"
 
 # 4. CLIP features of every frame of every media item, cached once for all stages and eval
-step features python scripts/extract_features.py \
-  --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl" "$DATA/test.jsonl" \
+#    (two parts side by side, each writing its own shards; then one manifest)
+FEATURES=(python scripts/extract_features.py
+  --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl" "$DATA/test.jsonl"
   --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE" --clip_pretrained "$VISION" --num_frames "$FRAMES"
+  --world_size 2 --num_workers 1)
+side_by_side features "part1 step features_1 ${FEATURES[*]@Q} --rank 0" "part2 step features_2 ${FEATURES[*]@Q} --rank 1"
+"${FEATURES[@]}" --merge
 
 # 5-7. three stages + eval, for a VideoSummary variant: temporal (the model) or mean (ablation)
 COMMON=(--no_progress --val_every "$VAL_EVERY" --batch_size "$BS" --seed "$TRAIN_SEED" --clip_pretrained "$VISION")
@@ -152,16 +191,15 @@ pipeline() {   # pipeline SUMMARY SUFFIX: SUFFIX ("" or "_mean") names the check
     --out "out/preds_${summary}.jsonl" --metrics_out "out/metrics_${summary}.json"
 }
 
-pipeline temporal ""
 if [ "$ABLATION" = 1 ]; then
-  pipeline mean _mean
+  side_by_side train "temporal pipeline temporal ''" "mean pipeline mean _mean"
 else
+  pipeline temporal ""
   rm -f out/preds_mean.jsonl out/metrics_mean.json   # never report a stale ablation
 fi
 
 # 8. the report card (its own time is in demo_times.json, not in the report it writes)
 step report python scripts/report.py --out_dir out --data "$DATA" --weight "out/sft_video_${DIM}.safetensors"
-rm -f out/.demo_step.time
 
 python - <<'PY'
 import json

@@ -285,12 +285,16 @@ def section_time(times, rss):
     steps = [(k, v) for k, v in times.items() if k not in ("total", "peak_rss_gb") and isinstance(v, (int, float))]
     if not steps:
         return ["## Time and memory", "", "(no out/demo_times.json)", ""]
-    rows = [[name, f"{sec:.1f}", f"{rss[name]:.2f}" if name in rss else "–"] for name, sec in steps]
-    rows.append(["**total**", f"**{times.get('total', sum(v for _, v in steps)):.1f}**", ""])
+    lanes = times.get("lanes") or {}
+    rows = [[name, f"{sec:.1f}", f"{rss[name]:.2f}" if name in rss else "–", lanes.get(name, "")]
+            for name, sec in steps]
+    rows.append(["**total** (wall clock)", f"**{times.get('total', sum(v for _, v in steps)):.1f}**", "", ""])
     peak = times.get("peak_rss_gb")
+    note = (" Steps with a lane ran side by side with the other lane of their group, each on half the cores, "
+            "so their times overlap; the peak memory adds up side-by-side steps." if lanes else "")
     return ["## Time and memory", "", "Wall-clock seconds per pipeline step (`scripts/demo.sh`; CPU unless CUDA "
-            "was available), peak resident memory of each step's process tree:", "",
-            table(["step", "seconds", "peak RSS (GB)"], rows), "",
+            "was available), peak resident memory of each step's process tree." + note, "",
+            table(["step", "seconds", "peak RSS (GB)", "lane"], rows), "",
             f"Total: **{times.get('total', 0) / 60:.1f} min**; peak memory: **{'–' if peak is None else f'{peak:.2f} GB'}**.",
             ""]
 

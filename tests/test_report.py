@@ -115,3 +115,13 @@ def test_report_without_caption_metrics(fake_run):
     text, metrics = run_report(out, data)
     assert metrics["caption_metrics"] is None and "BLEU-4" not in text
     assert (out / "test_grid.png").is_file() and (out / "loss_curves.png").is_file()
+
+
+def test_report_marks_side_by_side_steps(fake_run):
+    out, data, _ = fake_run
+    write_json(out / "demo_times.json", {"features_1": 2.0, "features_2": 2.1, "total": 2.5, "peak_rss_gb": 0.9,
+                                         "lanes": {"features_1": "features:part1", "features_2": "features:part2"}})
+    text, metrics = run_report(out, data)
+    assert "| features_1 | 2.0 | – | features:part1 |" in text
+    assert "side by side" in text and "**total** (wall clock)" in text
+    assert metrics["demo_seconds"] == 2.5
