@@ -4,7 +4,7 @@ prints a table and writes out/bench.json.
 
     python scripts/bench.py                      # every CPU section (~20 min on 2 cores); CUDA section when a GPU is present
     python scripts/bench.py --only lm,decode     # some sections (merged into an existing out/bench.json)
-    python scripts/bench.py --run_demo           # also run scripts/demo.sh (~11 min) for demo_wall_s / demo_peak_rss_gb
+    python scripts/bench.py --run_demo           # also run scripts/demo.sh (~8 min) for demo_wall_s / demo_peak_rss_gb
 
 Ours and theirs alternate (A B, B A, ...) and ratios are medians of per-round ratios, so a shared,
 noisy machine slows both sides alike. Absolute times on a CPU are not comparable between runs.
@@ -422,7 +422,7 @@ def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
 def demo_times(run_demo: bool) -> dict:
     path = ROOT / "out" / "demo_times.json"
     if run_demo:
-        log("running scripts/demo.sh (about 11 minutes) ...")
+        log("running scripts/demo.sh (about 8 minutes) ...")
         if subprocess.run(["bash", "scripts/demo.sh"], cwd=ROOT).returncode:
             raise BenchError("scripts/demo.sh failed")
     if not path.exists():
