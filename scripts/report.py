@@ -290,10 +290,10 @@ def section_time(times, rss):
             for name, sec in steps]
     rows.append(["**total** (wall clock)", f"**{times.get('total', sum(v for _, v in steps)):.1f}**", "", ""])
     peak = times.get("peak_rss_gb")
-    note = (" Steps with a lane ran side by side with the other lane of their group, each on half the cores, "
+    note = (" Steps with a lane ran side by side with the other lane of their group, each on its share of the cores, "
             "so their times overlap; the peak memory adds up side-by-side steps." if lanes else "")
     return ["## Time and memory", "", "Wall-clock seconds per pipeline step (`scripts/demo.sh`; CPU unless CUDA "
-            "was available), peak resident memory of each step's process tree." + note, "",
+            "was available), peak resident memory of each step's largest process." + note, "",
             table(["step", "seconds", "peak RSS (GB)", "lane"], rows), "",
             f"Total: **{times.get('total', 0) / 60:.1f} min**; peak memory: **{'–' if peak is None else f'{peak:.2f} GB'}**.",
             ""]
