@@ -82,7 +82,7 @@ fi
 
 write_times() {   # out/demo_times.json {step: seconds, "total", "peak_rss_gb", "lanes"}; out/demo_rss.json {step: GB}
   python - "$STEPS_TSV" "$START" "$(now)" <<'PY'
-import collections, json, os, sys
+import collections, json, sys
 rows = [line.split("\t") for line in open(sys.argv[1]).read().splitlines() if line]
 times = {name: round(float(sec), 2) for name, sec, _, _ in rows}
 times["total"] = round(float(sys.argv[3]) - float(sys.argv[2]), 2)
@@ -99,10 +99,8 @@ if rss:
         groups[lane.split(":")[0]] += gb
     times["peak_rss_gb"] = round(max(list(rss.values()) + list(groups.values())), 3)
 times["lanes"] = {name: lane for name, _, _, lane in rows if lane != "-"}
-for path, value in (("out/demo_times.json", times), ("out/demo_rss.json", rss)):
-    tmp = f"{path}.{os.getpid()}.tmp"   # two lanes may write at once: replace, never interleave
-    open(tmp, "w").write(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+open("out/demo_times.json", "w").write(json.dumps(times, indent=1) + "\n")
+open("out/demo_rss.json", "w").write(json.dumps(rss, indent=1) + "\n")
 PY
 }
 

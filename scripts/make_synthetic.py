@@ -430,9 +430,8 @@ def image_path(scene) -> str:
     return f"images/{scene.name}.png"
 
 
-def random_multi_turn(rng, qa_list, min_turns, max_turns):
-    n_turns = int(rng.integers(min_turns, min(max_turns, len(qa_list)) + 1))
-    return [qa_list[i] for i in rng.permutation(len(qa_list))[:n_turns]]
+def shuffled(rng, qa_list):
+    return [qa_list[i] for i in rng.permutation(len(qa_list))]
 
 
 def build_splits(seed, train, test, images):
@@ -447,7 +446,7 @@ def build_splits(seed, train, test, images):
         # Every question about the video, in random order: the rarer temporal questions
         # (direction, order) then get as much supervision as the easy ones, and each question
         # type comes first (as in the single-question test) in about one sample out of six.
-        chosen = random_multi_turn(rng, qa_list, len(qa_list), len(qa_list))
+        chosen = shuffled(rng, qa_list)
         sft_video.append(sample(f"{scene.name}-multi", "video", path, "<video>", chosen, "multi"))
     for index, scene in enumerate(images):
         rng = item_rng(seed, STREAM_IMAGE_TEXT, index)
@@ -455,7 +454,7 @@ def build_splits(seed, train, test, images):
         path = image_path(scene)
         caption = next(qa for qa in qa_list if qa[0] == "caption")
         pretrain.append(sample(f"{scene.name}-cap", "image", path, "<image>", [caption], "caption"))
-        chosen = random_multi_turn(rng, qa_list, len(qa_list), len(qa_list))
+        chosen = shuffled(rng, qa_list)
         sft_image.append(sample(f"{scene.name}-multi", "image", path, "<image>", chosen, "multi"))
     for scene in test:
         for qa in video_qa_pairs(scene):
