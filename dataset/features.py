@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.checkpoint import atomic_write, remove_stale_temps
+from model.atomic import atomic_write, remove_stale_temps
 
 MANIFEST = "manifest.json"
 

@@ -1,100 +1,16 @@
 """Checkpoints: safetensors weights with the model config in the metadata; atomic writes; strict loads."""
 import json
-import os
-import shutil
-import pickle
-import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from model.atomic import atomic_write
 from model.config import LMConfig, VisionConfig, config_from_dict, config_to_dict
 from model.vlm import VideoLLM
+from model.weights_io import CheckpointError, misfit, read_safetensors_metadata
 
 TIED_KEY = "lm.lm_head.weight"   # the same tensor as lm.embed_tokens.weight; stored once
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be used; the message names the file and the problem."""
-
-
-def atomic_write(path, write_fn):
-    """write_fn(tmp_path) then rename: a kill mid-write never leaves a half file under `path`.
-
-    A SIGKILL can leave the hidden temp file (.<name>.tmp<pid>) beside it; remove_stale_temps clears it.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write_fn(str(tmp))
-        with open(tmp, "rb+") as f:   # on disk before the rename makes it visible (power loss, not only kills)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_dir(path, write_fn):
-    """write_fn(tmp_folder) then swap it in: readers see the old folder or the new one, never a half one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (path.with_name(f".{path.name}.{tag}{os.getpid()}") for tag in ("tmp", "old"))
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write_fn(tmp)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_stale_temps(folder, name_glob: str) -> list:
-    """Delete the temp files atomic_write left in `folder` for targets matching name_glob (glob.escape a
-    plain name) when their writer was killed; the temp file of a live writer on this machine stays."""
-    removed = []
-    for tmp in Path(folder).glob(f".{name_glob}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # someone else's live process
-        return True
-    return True
-
-
-def load_torch_file(path):
-    """torch.load with weights_only=True: tensors and plain containers only. A file carrying pickled
-    code or objects is refused before anything in it runs (CheckpointError names the file and the global)."""
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except pickle.UnpicklingError as e:
-        if re.search(r"Unsupported operand|String is too long|invalid load key", str(e)):   # not a pickle at all
-            raise CheckpointError(f"{path}: not a readable PyTorch file (not a pickle stream)") from None
-        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused — it holds pickled code or objects{what}, not only tensors; "
-                              "it was not run") from None
-    except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path}: not a readable PyTorch file ({type(e).__name__}: {first})") from None
 
 
 def find_checkpoint(name: str, out_dir) -> Path:
@@ -116,14 +32,10 @@ def save_checkpoint(model: VideoLLM, path, **info):
 
 
 def read_metadata(path) -> dict:
-    path = str(path)
-    if not os.path.isfile(path):
+    """A checkpoint's metadata; CheckpointError unless it carries both our configs."""
+    if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    meta = read_safetensors_metadata(path)
     if "lm_config" in meta and "vision_config" not in meta:
         raise CheckpointError(f"{path}: a language-model-only file (no vision parts); "
                               "start training from it with --from_lm")
@@ -154,12 +66,9 @@ def load_weights(model: VideoLLM, path, parts=None):
     if parts:
         expected = {k: v for k, v in expected.items() if k.split(".")[0] in parts}
         state = {k: v for k, v in state.items() if k.split(".")[0] in parts}
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or extra or shapes:
-        raise CheckpointError(f"{path}: does not fit the model — missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}, shape mismatch {shapes[:5]}")
+    problems = misfit({k: v.shape for k, v in expected.items()}, state)
+    if problems:
+        raise CheckpointError(f"{path}: does not fit the model — {problems}")
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(state[k])

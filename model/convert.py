@@ -5,12 +5,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import CheckpointError, load_torch_file
+from model.atomic import atomic_write
 from model.config import LMConfig, config_from_dict, config_to_dict
 from model.lm import LanguageModel
+from model.weights_io import CheckpointError, few, load_torch_state_dict, misfit, read_safetensors_metadata
 
 # Our key → theirs; "{n}" is the layer index. lm_head.weight is tied to embed_tokens.weight in our LM.
 HF_NAMES = {   # transformers LlamaForCausalLM, and MiniMind's later model_minimind.py (same names)
@@ -76,7 +76,7 @@ def rename_in(state: dict, names: dict, path) -> dict:
     """Their keys → ours; any key the map does not know is an error naming it."""
     out, unexpected = _rename(state, [(theirs, ours) for ours, theirs in names.items()])
     if unexpected:
-        raise ConversionError(f"{path}: unexpected keys (parts our LM does not have): {_few(unexpected)}")
+        raise ConversionError(f"{path}: unexpected keys (parts our LM does not have): {few(unexpected)}")
     return out
 
 
@@ -95,11 +95,6 @@ def _theirs(key: str, names: dict) -> str:
         if m:
             return theirs.format(n=m.group(1)) if m.groups() else theirs
     return key
-
-
-def _few(keys, n=6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" … ({len(keys)} in all)" if len(keys) > n else "")
 
 
 # ---------------------------------------------------------------- checks shared by every source
@@ -122,16 +117,9 @@ def expected_shapes(cfg: LMConfig) -> dict:
 
 def check_fits(cfg: LMConfig, state: dict, names: dict, path):
     """Missing, unexpected and wrong-shaped keys, all named in the source's spelling."""
-    expected = expected_shapes(cfg)
-    missing = [_theirs(k, names) for k in expected if k not in state]
-    extra = [_theirs(k, names) for k in state if k not in expected]
-    shapes = [f"{_theirs(k, names)} {tuple(state[k].shape)} (expected {shape})"
-              for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
-    problems = [f"{label}: {_few(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", extra), ("wrong shape", shapes)) if keys]
+    problems = misfit(expected_shapes(cfg), state, spell=lambda k: _theirs(k, names))
     if problems:
-        raise ConversionError(f"{path}: does not fit a {cfg.num_layers}-layer {cfg.hidden_size}-wide LM — "
-                              + "; ".join(problems))
+        raise ConversionError(f"{path}: does not fit a {cfg.num_layers}-layer {cfg.hidden_size}-wide LM — {problems}")
 
 
 def infer_config(state: dict, names: dict, path, num_heads: int, **fixed) -> LMConfig:
@@ -173,14 +161,9 @@ def interleaved_to_half_split(weight, head_dim: int):
 def read_torch_file(path) -> dict:
     """A .pth/.bin state dict of plain tensors; pickled code is refused without running it."""
     try:
-        state = load_torch_file(path)
+        state = load_torch_state_dict(path, WRAPPER_PREFIXES)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ConversionError(f"{path}: expected a flat state dict of tensors, got {type(state).__name__}")
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
     return {k: v.float() for k, v in state.items() if not RECOMPUTED_BUFFERS.search(k)}
 
 
@@ -191,7 +174,7 @@ def minimind_layout(state: dict, path):
     if "model.embed_tokens.weight" in state or any(".self_attn.q_proj." in k for k in state):
         return HF_NAMES, False
     raise ConversionError(f"{path}: neither MiniMind key layout (tok_embeddings/layers.N.attention.wq or "
-                          f"model.embed_tokens/model.layers.N.self_attn.q_proj); keys start: {_few(state, 4)}")
+                          f"model.embed_tokens/model.layers.N.self_attn.q_proj); keys start: {few(state, 4)}")
 
 
 def read_minimind(path, num_heads: int = 8, rope_theta: float = 1e6, norm_eps: float = 1e-5):
@@ -284,12 +267,9 @@ def read_hf_folder(folder):
 def read_ours(path):
     """(LMConfig, state) from one of our files: an LM file (convert_minimind.py) or a VLM checkpoint's LM part."""
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: no such file") from None
-    except Exception as e:
-        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
+        meta = read_safetensors_metadata(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     if "lm_config" not in meta:
         raise ConversionError(f"{path}: no lm_config in its metadata, so not one of our files "
                               "(pass a Hugging Face model as its folder)")
@@ -328,11 +308,6 @@ def load_into(lm: LanguageModel, state: dict, path=""):
     return lm
 
 
-def build_lm(cfg: LMConfig, state: dict) -> LanguageModel:
-    """A stand-alone LM (eval mode) holding these weights."""
-    return load_into(LanguageModel(cfg), state).eval()
-
-
 def grow_vocab(cfg: LMConfig, state: dict, vocab_size: int):
     """Append embedding rows (for tokens a tokenizer gained); they start at the mean embedding."""
     embed = state["embed_tokens.weight"]
@@ -346,7 +321,6 @@ def grow_vocab(cfg: LMConfig, state: dict, vocab_size: int):
 
 def save_lm(cfg: LMConfig, state: dict, path, **info):
     """Our LM-only file: safetensors with the LMConfig in its metadata (no vision_config)."""
-    from model.checkpoint import atomic_write
     check_fits(cfg, state, {}, path)
     tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
     meta = {"lm_config": json.dumps(config_to_dict(cfg)), "kind": "lm", **{k: str(v) for k, v in info.items()}}
@@ -371,7 +345,6 @@ def hf_config(cfg: LMConfig, bos_id: int, eos_id: int, pad_id: int) -> dict:
 
 def save_hf_folder(cfg: LMConfig, state: dict, tokenizer, out_dir, chat_template: str):
     """A LlamaForCausalLM folder: config.json, generation_config.json, model.safetensors, tokenizer files."""
-    from model.checkpoint import atomic_write
     check_fits(cfg, state, {}, out_dir)
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the LM only {cfg.vocab_size} rows")

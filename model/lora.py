@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from model.checkpoint import atomic_write_dir
+from model.atomic import atomic_write_dir
 
 LM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FULL_PARTS = ("summary", "projector")   # parts that may train in full beside the adapters

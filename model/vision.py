@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.atomic import atomic_write
 from model.config import VisionConfig
+from model.weights_io import CheckpointError, load_torch_state_dict, misfit, read_safetensors_metadata
 
 VISION_DIR = Path(__file__).parent / "vision_model"
 
@@ -88,7 +90,6 @@ def save_image_tower(model, out_path, **meta):
     meta: clip_model, pretrained, random_init, ... (stored as strings in the metadata).
     """
     from safetensors.torch import save_file
-    from model.checkpoint import atomic_write   # here: model.checkpoint imports the model package
     state = {f"visual.{k}": v.detach().contiguous().cpu() for k, v in model.visual.state_dict().items()}
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     meta = {**{k: str(v) for k, v in meta.items()}, "image_size": size_text(preprocess_cfg["size"]),
@@ -100,12 +101,10 @@ def read_weights_metadata(path: str) -> dict:
     """The metadata of a local safetensors weights file ({} for other formats)."""
     if not path.endswith(".safetensors") or not os.path.exists(path):
         return {}
-    from safetensors import safe_open
     try:
-        with safe_open(path, "pt") as f:
-            return f.metadata() or {}
-    except Exception as e:
-        raise VisionWeightsError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        return read_safetensors_metadata(path)
+    except CheckpointError as e:
+        raise VisionWeightsError(str(e)) from None
 
 
 def save_random_tower(model_name: str, image_size: int, seed: int, out_path: str):
@@ -131,31 +130,22 @@ def save_random_tower(model_name: str, image_size: int, seed: int, out_path: str
 
 
 def _load_local_weights(model, path: str):
-    """Load a local open_clip checkpoint: either the whole CLIP model or only `visual.*` keys."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:   # .pt/.pth/.bin: tensors only; a file carrying pickled code is refused unrun
-        # imported here: model.checkpoint imports the model package
-        from model.checkpoint import CheckpointError, load_torch_file
-        try:
-            state = load_torch_file(path)
-        except CheckpointError as e:
-            raise VisionWeightsError(str(e)) from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise VisionWeightsError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    """Load a local open_clip checkpoint, strictly: either the whole CLIP model or only `visual.*` keys."""
     try:
-        if all(k.startswith("visual.") for k in state):
-            visual = {k.removeprefix("visual."): v for k, v in state.items()}
-            model.visual.load_state_dict(visual, strict=True)
-        else:
-            model.load_state_dict(state, strict=True)
-    except RuntimeError as e:   # torch lists every mismatch over many lines; the first says enough
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise VisionWeightsError(f"{path}: weights do not fit the configured tower "
-                                 f"({(lines[1] if len(lines) > 1 else lines[0])[:160]})") from None
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            state = {k.removeprefix("module."): v for k, v in load_file(path).items()}
+        else:   # .pt/.pth/.bin: tensors only; a file carrying pickled code is refused unrun
+            state = load_torch_state_dict(path)
+    except CheckpointError as e:
+        raise VisionWeightsError(str(e)) from None
+    target = model
+    if all(k.startswith("visual.") for k in state):
+        target, state = model.visual, {k.removeprefix("visual."): v for k, v in state.items()}
+    problems = misfit({k: v.shape for k, v in target.state_dict().items()}, state)
+    if problems:
+        raise VisionWeightsError(f"{path}: weights do not fit the configured tower ({problems})")
+    target.load_state_dict(state, strict=True)
 
 
 def weights_are_random(path: str) -> bool:

@@ -39,9 +39,8 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- the model card
 
 def metadata_of(path) -> dict:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    from model.weights_io import read_safetensors_metadata
+    return read_safetensors_metadata(path)
 
 
 def stage_chain(path: Path) -> list:

@@ -50,14 +50,13 @@ def checkpoint_info(path: Path | None) -> dict:
     """lm / vision config, stage, step and stored weight counts per part from the safetensors file."""
     if path is None or not path.is_file():
         return {}
-    from safetensors import safe_open
     from model.checkpoint import read_metadata
+    from model.weights_io import stored_sizes
     meta = read_metadata(path)
     counts = {}
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            part = key.split(".")[0]
-            counts[part] = counts.get(part, 0) + int(np.prod(f.get_slice(key).get_shape()))
+    for key, size in stored_sizes(path).items():
+        part = key.split(".")[0]
+        counts[part] = counts.get(part, 0) + size
     return {"name": path.stem, "lm": json.loads(meta["lm_config"]), "vision": json.loads(meta["vision_config"]),
             "stage": meta.get("stage"), "step": meta.get("step"), "counts": counts}
 
@@ -68,12 +67,11 @@ def vision_info(vision_cfg: dict) -> dict:
     path = source if Path(source).is_file() else str(ROOT / source)
     info = {"source": source, "random": not source, "params": None, "seed": None, "positional": None}
     if Path(path).is_file() and path.endswith(".safetensors"):
-        from safetensors import safe_open
-        from model.vision import weights_are_random
-        info["random"] = weights_are_random(path)
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            info["params"] = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+        from model.vision import read_weights_metadata
+        from model.weights_io import stored_sizes
+        meta = read_weights_metadata(path)
+        info["random"] = meta.get("random_init") == "true"
+        info["params"] = sum(stored_sizes(path).values())
         info["seed"], info["positional"] = meta.get("seed"), positional_note(meta)
     return info
 

@@ -8,11 +8,19 @@ import torch.nn.functional as F
 
 from conftest import run_python
 from model.checkpoint import CheckpointError, load_checkpoint
-from model.convert import (MINIMIND_NAMES, ConversionError, build_lm, infer_config, read_hf_folder, read_lm,
+from model.convert import (MINIMIND_NAMES, ConversionError, infer_config, load_into, read_hf_folder, read_lm,
                            read_ours, rename_in)
+from model.lm import LanguageModel
 
 DIM, LAYERS, HEADS, KV_HEADS, HIDDEN, VOCAB = 32, 2, 4, 2, 64, 96
 THETA, EPS = 1e6, 1e-5
+
+
+
+
+def build_lm(cfg, state) -> LanguageModel:
+    """A stand-alone LM (eval mode) holding these weights."""
+    return load_into(LanguageModel(cfg), state).eval()
 
 
 # ---------------------------------------------------------------- an independent MiniMind reference

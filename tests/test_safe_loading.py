@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import CLIP_MODEL, CLIP_SIZE, ROOT
-from model.checkpoint import CheckpointError, load_torch_file
+from model.weights_io import CheckpointError, load_torch_file
 from model.config import VisionConfig
 from model.vision import FrameEncoder, VisionWeightsError, create_clip
 
