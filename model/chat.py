@@ -72,7 +72,7 @@ class ChatEncoder:
         self.vision_pad = ids(VISION_PAD)
         self.pad_id = ids("<|endoftext|>")
         # Role lines, questions and short answers recur in sample after sample, and each tokenizer
-        # call costs ~60 µs of Python: uncached, that was 12% of a demo training step.
+        # call is slow Python: cached, data loading stops showing in a step (docs/findings.md).
         self._text_ids = {}
         self.newline = self.text("\n")
 

@@ -10,7 +10,7 @@ class FeatureStandardiser(nn.Module):
     """Per-dimension (x - mean) / std with statistics measured on the training media.
 
     Frozen CLIP features share a large constant component (random towers especially: the
-    sample-to-sample spread is ~10% of the magnitude), which LayerNorm cannot remove.
+    sample-to-sample spread is small next to the magnitude), which LayerNorm cannot remove.
     The statistics are buffers, so they travel with the checkpoint.
     """
 
@@ -54,8 +54,8 @@ class TemporalSummary(nn.Module):
     Why: left vs right (or appear vs leave) visit the same frames in another order, so whatever
     averages over time cancels them, and the LM starts out averaging (uniform attention). Learned
     queries over frames start as a mean pool too; with motion folded into shared tokens,
-    appearance (colour, shape) dominates them and direction stayed at chance (0.22) in mixed
-    training while a direction-only run reached 0.87.
+    appearance (colour, shape) dominates them and direction stayed at chance in mixed training
+    (docs/findings.md).
     """
 
     def __init__(self, cfg: VisionConfig):
@@ -68,7 +68,7 @@ class TemporalSummary(nn.Module):
         self.input_proj = nn.Linear(cfg.clip_dim, d)
         self.motion_norm = RMSNorm(cfg.clip_dim, 1e-3)   # frame changes are small: bring them to content scale
         self.motion_proj = nn.Linear(cfg.clip_dim, d)
-        # At the scale of the projected features (~0.6), so tokens know their time from step 0.
+        # At about the scale of the projected features, so tokens know their time from step 0.
         self.time_embed = nn.Parameter(torch.randn(cfg.num_frames, d) * 0.5)
         self.stream_embed = nn.Parameter(torch.randn(2, d) * 0.5)
         self.blocks = nn.ModuleList(

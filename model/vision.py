@@ -111,10 +111,9 @@ def save_random_tower(model_name: str, image_size: int, seed: int, out_path: str
     """Write a seeded random-init image tower as a weights file, marked random in its metadata.
 
     open_clip's own init, except the positional embedding: open_clip draws it at std
-    width**-0.5 (~0.05), about 20x below the patch embeddings, so a random tower's CLS is nearly
-    blind to *where* things are (a linear probe reads position at ~45% on 5 classes). Trained
-    ViTs carry a strong, smooth position signal, so the stand-in uses open_clip's fixed 2D
-    sin-cos table instead (the probe then reads position at 100%).
+    width**-0.5, far below the patch embeddings, so a random tower's CLS is nearly blind to
+    *where* things are (docs/findings.md). Trained ViTs carry a strong, smooth position signal,
+    so the stand-in uses open_clip's fixed 2D sin-cos table instead.
     """
     from open_clip.pos_embed import get_2d_sincos_pos_embed
     torch.manual_seed(seed)

@@ -24,10 +24,9 @@ COLOURS = {
     "orange": (250, 140, 20),
 }
 # Four shapes a frozen *random* tower tells apart. Its CLS weighs how much of each colour a frame
-# holds, so shapes of similar area get confused: a triangle and a diamond (same area, both
-# pointed) in ~9% of single frames by an MLP probe; a triangle and a thick ring (area 0.50 vs
-# 0.55 of the box) were the trained model's commonest shape error. The thin ring makes the
-# areas 1.00 (square), 0.79 (circle), 0.50 (triangle) and 0.34 (ring).
+# holds, so shapes of similar area get confused (a diamond with the triangle, a thick ring with
+# it too: docs/findings.md). The thin ring gives four distinct areas: 1.00 (square), 0.79
+# (circle), 0.50 (triangle) and 0.34 (ring) of the bounding box.
 SHAPES = ("circle", "square", "triangle", "ring")
 RING_INNER = 0.75   # inner radius of the ring, as a fraction of its outer radius
 MOTIONS = ("left", "right", "up", "down", "still")
