@@ -47,7 +47,7 @@ def media_pools(record, kinds) -> dict:
 
 
 class ConversationDataset(Dataset):
-    """Samples in the DESIGN.md schema.
+    """Samples in the jsonl schema of docs/data-format.md.
 
     Training items carry the whole conversation with labels; with for_generation=True the last
     assistant turn becomes the reference and the ids end with the assistant prompt, and

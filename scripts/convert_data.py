@@ -1,4 +1,4 @@
-"""Convert a public video-instruction dataset's annotation file into our jsonl schema (see DESIGN.md)."""
+"""Convert a public video-instruction dataset's annotation file into our jsonl schema (docs/data-format.md)."""
 import argparse
 import json
 import os
