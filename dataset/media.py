@@ -1,4 +1,4 @@
-"""Media → frames: decord sampling (uniform, or at a frame rate) for videos, PIL for images (an image is a 1-frame video)."""
+"""Media → pixels (uint8 frames): decord sampling (uniform, or at a frame rate) for videos, PIL for images (an image is a 1-frame video)."""
 import os
 import re
 from contextlib import contextmanager

@@ -1,4 +1,4 @@
-"""jsonl conversations → token ids, assistant-only labels and per-media frames or cached features."""
+"""jsonl conversations → token ids, assistant-only labels and per-media clip inputs or cached features."""
 import json
 import sys
 from pathlib import Path
@@ -125,7 +125,10 @@ class ConversationDataset(Dataset):
         return item
 
     def _media(self, record, kinds):
-        """One entry per marker, in marker order: ('features', (T,d)) or ('pixels', (T,3,S,S))."""
+        """One entry per marker, in marker order: ('features', (T,d)) or ('clip_inputs', (T,3,S,S)).
+
+        self.preprocess turns decoded pixels into clip inputs (FrameEncoder.clip_inputs): in a DataLoader
+        worker, so the main process only runs the tower."""
         pools = media_pools(record, kinds)
         taken = {"image": 0, "video": 0}
         media = []
@@ -138,8 +141,8 @@ class ConversationDataset(Dataset):
                 continue
             if self.preprocess is None:
                 raise BadSample(f"{rel}: not in the feature cache and no encoder to compute it")
-            frames = read_media(self.media_root / rel, kind, self.num_frames, self.fps)
-            media.append(("pixels", self.preprocess(frames)))
+            pixels = read_media(self.media_root / rel, kind, self.num_frames, self.fps)
+            media.append(("clip_inputs", self.preprocess(pixels)))
         return media
 
 
@@ -186,19 +189,19 @@ def collate(items, pad_id: int, left_pad=False, warn_skipped=True):
     return batch
 
 
-def frames_and_mask(media, encoder=None, device="cpu"):
+def features_and_mask(media, encoder=None, device="cpu"):
     """Media entries → CLIP features padded to (N, T_max, d) and a (N, T_max) valid-frame mask.
 
-    Pixels go through the frozen encoder in one batch; cached features are used as they are.
+    Clip inputs go through the frozen encoder in one batch; cached features are used as they are.
     """
     if not media:
         return None, None
-    pixels = [x for kind, x in media if kind == "pixels"]
-    if pixels:
+    inputs = [x for kind, x in media if kind == "clip_inputs"]
+    if inputs:
         if encoder is None:
             raise ValueError("media needs the vision encoder but none was loaded")
-        encoded = iter(encoder.encode_pixels(torch.cat(pixels)).split([len(p) for p in pixels]))
-    feats = [next(encoded) if kind == "pixels" else x for kind, x in media]
+        encoded = iter(encoder.encode_inputs(torch.cat(inputs)).split([len(x) for x in inputs]))
+    feats = [next(encoded) if kind == "clip_inputs" else x for kind, x in media]
     T = max(len(f) for f in feats)
     out = torch.zeros(len(feats), T, feats[0].shape[-1])
     mask = torch.zeros(len(feats), T, dtype=torch.bool)

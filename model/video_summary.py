@@ -20,10 +20,10 @@ class FeatureStandardiser(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     @torch.no_grad()
-    def fit(self, frames: torch.Tensor):
-        """frames: (M, d) valid frame features."""
-        self.mean.copy_(frames.mean(0))
-        self.std.copy_(frames.std(0).clamp(min=1e-6))
+    def fit(self, features: torch.Tensor):
+        """features: (M, d), one row per valid frame."""
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp(min=1e-6))
 
     def forward(self, x):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
@@ -46,7 +46,7 @@ def segment_weights(frame_mask, k: int):
 
 
 class TemporalSummary(nn.Module):
-    """Two streams, appearance (the frames) and motion (each frame's change from the previous
+    """Two streams, appearance (each frame's features) and motion (each frame's change from the previous
     one), with learned temporal position embeddings, pass together through a small bidirectional
     transformer; each stream is then pooled over K/2 consecutive time segments. The K visual
     tokens are in time order by construction, and motion has tokens of its own.
@@ -75,12 +75,12 @@ class TemporalSummary(nn.Module):
             Block(d, cfg.summary_heads, cfg.summary_heads, 4 * d, 1e-5) for _ in range(cfg.summary_layers))
         self.norm = RMSNorm(d, 1e-5)
 
-    def forward(self, frames, frame_mask):
-        """frames: (N, T, d_clip); frame_mask: (N, T) bool, False where a short clip was padded."""
-        N, T, _ = frames.shape
+    def forward(self, features, frame_mask):
+        """features: (N, T, d_clip); frame_mask: (N, T) bool, False where a short clip was padded."""
+        N, T, _ = features.shape
         if T > self.time_embed.shape[0]:
             raise ValueError(f"{T} frames but the model was built for {self.time_embed.shape[0]}")
-        x = self.input_norm(frames)
+        x = self.input_norm(features)
         motion = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         has_previous = torch.cat([torch.zeros_like(frame_mask[:, :1]), frame_mask[:, 1:]], dim=1)
         motion = motion * has_previous[..., None].to(x.dtype)   # padding sits at the end
@@ -105,9 +105,9 @@ class MeanSummary(nn.Module):
         self.slots = nn.Parameter(torch.randn(cfg.num_visual_tokens, cfg.summary_dim) * 0.02)
         self.norm = RMSNorm(cfg.summary_dim, 1e-5)
 
-    def forward(self, frames, frame_mask):
-        weights = frame_mask.to(frames.dtype).unsqueeze(-1)
-        mean = (frames * weights).sum(1) / weights.sum(1).clamp(min=1)
+    def forward(self, features, frame_mask):
+        weights = frame_mask.to(features.dtype).unsqueeze(-1)
+        mean = (features * weights).sum(1) / weights.sum(1).clamp(min=1)
         x = self.input_proj(self.input_norm(mean)).unsqueeze(1) + self.slots
         return self.norm(x)
 

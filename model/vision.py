@@ -1,4 +1,4 @@
-"""The frozen open_clip image tower: build it, load its weights (tag or local file), turn frames into CLS features."""
+"""The frozen open_clip image tower: build it, load its weights (tag or local file), turn pixels into CLS features."""
 import hashlib
 import json
 import os
@@ -152,7 +152,7 @@ def weights_are_random(path: str) -> bool:
 
 
 class FrameEncoder:
-    """Frozen CLIP image tower. encode(frames uint8 (T,H,W,3)) → (T, clip_dim) pooled CLS features."""
+    """Frozen CLIP image tower. encode(pixels uint8 (T,H,W,3)) → features (T, clip_dim), the pooled CLS."""
 
     def __init__(self, cfg: VisionConfig, device="cpu"):
         source = cfg.clip_pretrained
@@ -182,18 +182,20 @@ class FrameEncoder:
         self.is_random = weights_are_random(source)
         self.cache_tag = encoder_cache_tag(cfg)
 
-    def pixels(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (T,H,W,3), any size and aspect → float (T,3,S,S) through open_clip's eval transform
-        for this model (or the one stored with its weights): resize mode, interpolation, mean/std."""
-        return torch.stack([self.preprocess(Image.fromarray(f)) for f in frames])
+    def clip_inputs(self, pixels: np.ndarray) -> torch.Tensor:
+        """Pixels, uint8 (T,H,W,3) of any size and aspect → the tower's float (T,3,S,S) input, through
+        open_clip's eval transform for this model (or the one stored with its weights)."""
+        return torch.stack([self.preprocess(Image.fromarray(frame)) for frame in pixels])
 
     @torch.no_grad()
-    def encode_pixels(self, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
-        chunks = [self.tower(pixels[i:i + batch].to(self.device)) for i in range(0, len(pixels), batch)]
+    def encode_inputs(self, clip_inputs: torch.Tensor, batch: int = 256) -> torch.Tensor:
+        """Clip inputs (T,3,S,S) → features (T, dim), in chunks of `batch` frames."""
+        chunks = [self.tower(clip_inputs[i:i + batch].to(self.device)) for i in range(0, len(clip_inputs), batch)]
         return torch.cat(chunks).float()
 
-    def encode(self, frames: np.ndarray) -> torch.Tensor:
-        return self.encode_pixels(self.pixels(frames))
+    def encode(self, pixels: np.ndarray) -> torch.Tensor:
+        """Pixels uint8 (T,H,W,3) → features (T, dim)."""
+        return self.encode_inputs(self.clip_inputs(pixels))
 
 
 def encoder_cache_tag(cfg: VisionConfig) -> str:

@@ -20,27 +20,27 @@ class VideoLLM(nn.Module):
             nn.Linear(vision_cfg.summary_dim, lm_cfg.hidden_size), nn.GELU(),
             nn.Linear(lm_cfg.hidden_size, lm_cfg.hidden_size))
 
-    def visual_tokens(self, frames, frame_mask):
+    def visual_tokens(self, features, frame_mask):
         """(N, T, d_clip) CLIP features → (N, K, d_lm) LM-space tokens."""
-        return self.projector(self.summary(frames, frame_mask))
+        return self.projector(self.summary(features, frame_mask))
 
-    def embed(self, input_ids, frames=None, frame_mask=None):
+    def embed(self, input_ids, features=None, frame_mask=None):
         """Token embeddings with each media's K visual tokens written into its K slots, in order."""
         x = self.lm.embed_tokens(input_ids)
         slots = input_ids == self.vision_cfg.vision_token_id
         n_slots = int(slots.sum())
-        n_media = 0 if frames is None else frames.shape[0]
+        n_media = 0 if features is None else features.shape[0]
         if n_slots != n_media * self.vision_cfg.num_visual_tokens:
             raise ValueError(f"{n_slots} visual slots in the text but {n_media} media × "
                              f"{self.vision_cfg.num_visual_tokens} tokens")
         if n_media:
-            vis = self.visual_tokens(frames.to(x.dtype), frame_mask).to(x.dtype)
+            vis = self.visual_tokens(features.to(x.dtype), frame_mask).to(x.dtype)
             x = x.masked_scatter(slots.unsqueeze(-1), vis)
         return x
 
-    def forward(self, input_ids, labels=None, frames=None, frame_mask=None):
+    def forward(self, input_ids, labels=None, features=None, frame_mask=None):
         """Returns logits, or with labels (-100 = ignored) the summed token loss and the token count."""
-        hidden = self.lm.hidden(self.embed(input_ids, frames, frame_mask))
+        hidden = self.lm.hidden(self.embed(input_ids, features, frame_mask))
         if labels is None:
             return self.lm.logits(hidden)
         targets = labels[:, 1:]
@@ -54,7 +54,7 @@ class VideoLLM(nn.Module):
         return F.cross_entropy(logits.float(), targets[scored], reduction="sum"), scored.sum()
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, frames=None, frame_mask=None,
+    def generate(self, input_ids, attention_mask=None, features=None, frame_mask=None,
                  max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
         """Yield the next token of every row, step by step (streaming); prompts are left-padded.
 
@@ -62,10 +62,10 @@ class VideoLLM(nn.Module):
         eos_id keep yielding eos_id; iteration stops when all rows are done.
         """
         with self.lm.frozen_weights():
-            yield from self._generate(input_ids, attention_mask, frames, frame_mask, max_new_tokens,
+            yield from self._generate(input_ids, attention_mask, features, frame_mask, max_new_tokens,
                                       temperature, top_p, eos_id, generator)
 
-    def _generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens, temperature, top_p,
+    def _generate(self, input_ids, attention_mask, features, frame_mask, max_new_tokens, temperature, top_p,
                   eos_id, generator):
         B, L = input_ids.shape
         if attention_mask is None:
@@ -74,7 +74,7 @@ class VideoLLM(nn.Module):
         padded = not bool(attention_mask.all())
         total = min(L + max_new_tokens, self.lm_cfg.max_seq_len)
         cache = KVCache(self.lm_cfg, B, total, input_ids.device, self.lm.embed_tokens.weight.dtype)
-        embeds = self.embed(input_ids, frames, frame_mask)
+        embeds = self.embed(input_ids, features, frame_mask)
         if padded:
             mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
             mask[:, :L] = attention_mask.bool()

@@ -19,8 +19,8 @@ from model.config import VisionConfig  # noqa: E402
 from model.vision import FrameEncoder  # noqa: E402
 
 
-class MediaPixels(Dataset):
-    """(key, pixels or None, error) per media item: decoding and preprocessing run in workers."""
+class MediaInputs(Dataset):
+    """(key, clip inputs or None, error) per media item: decoding and the tower's transform run in workers."""
 
     def __init__(self, items, root, num_frames, fps, preprocess):
         self.items, self.root, self.num_frames, self.preprocess = items, Path(root), num_frames, preprocess
@@ -55,21 +55,21 @@ def extract(items, root, encoder, writer, fps, num_frames, batch_size=32, num_wo
     Everything added is flushed shard by shard as it fills, so a killed run loses at most one
     unflushed shard; a rerun skips what the manifests already hold.
     """
-    loader = DataLoader(MediaPixels(items, root, num_frames, fps, encoder.pixels), batch_size=batch_size,
+    loader = DataLoader(MediaInputs(items, root, num_frames, fps, encoder.clip_inputs), batch_size=batch_size,
                         num_workers=num_workers, collate_fn=list)
     done, frames, failed = 0, 0, 0
     for rows in loader:
-        good = [(key, pixels) for key, pixels, error in rows if pixels is not None]
+        good = [(key, inputs) for key, inputs, error in rows if inputs is not None]
         for key, _, error in rows:
             if error:
                 failed += 1
                 print(f"warning: skipped {error}", file=sys.stderr)
         if good:
-            feats = encoder.encode_pixels(torch.cat([px for _, px in good]))
-            for (key, px), f in zip(good, feats.split([len(px) for _, px in good])):
+            features = encoder.encode_inputs(torch.cat([x for _, x in good]))
+            for (key, x), f in zip(good, features.split([len(x) for _, x in good])):
                 writer.add(key, f)
             done += len(good)
-            frames += sum(len(px) for _, px in good)
+            frames += sum(len(x) for _, x in good)
     writer.flush()
     return done, frames, failed
 

@@ -14,7 +14,7 @@ def outputs(model):
     ids = torch.randint(4, 64, (2, 9))
     ids[:, 2:4] = model.vision_cfg.vision_token_id
     frames = torch.randn(2, 4, model.vision_cfg.clip_dim)
-    return model(ids, frames=frames, frame_mask=torch.ones(2, 4, dtype=torch.bool))
+    return model(ids, features=frames, frame_mask=torch.ones(2, 4, dtype=torch.bool))
 
 
 def test_round_trip_gives_identical_outputs_and_keeps_the_config(tmp_path, make_vlm):

@@ -131,7 +131,7 @@ def test_output_elsewhere_rewrites_paths_so_the_loader_finds_the_media(dataset_d
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert records[0]["video"] == "../../videos/good.mp4"
     data = ConversationDataset(out, ChatEncoder(tokenizer, 2), num_frames=4, max_len=512,
-                               preprocess=frame_encoder.pixels)
+                               preprocess=frame_encoder.clip_inputs)
     assert all("error" not in data[i] for i in range(len(data)))
 
 

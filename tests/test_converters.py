@@ -275,10 +275,10 @@ def test_cli_converts_and_training_loader_reads_the_real_video(tmp_path, tokeniz
     assert "read 3, written 2" in result.stdout and "skipped missing_field: 1" in result.stdout
     assert "ytb_bad" in result.stderr and str(source) in result.stderr
     data = ConversationDataset(out, ChatEncoder(tokenizer, 2), num_frames=4, max_len=512,
-                               preprocess=frame_encoder.pixels)
+                               preprocess=frame_encoder.clip_inputs)
     item = data[0]
     assert "error" not in item, item.get("error")
-    assert item["media"][0][0] == "pixels" and item["media"][0][1].shape[0] == 4
+    assert item["media"][0][0] == "clip_inputs" and item["media"][0][1].shape[0] == 4
     assert "video file not found" in data[1]["error"]   # the second video was never written
 
 

@@ -7,7 +7,7 @@ import torch
 
 from dataset.features import FeatureCache, FeatureWriter, open_cache, cache_folder
 from dataset.media import MediaError, read_image, read_video, uniform_indices
-from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
+from dataset.vlm_dataset import ConversationDataset, collate, features_and_mask
 from model.chat import IGNORE, BadSample, ChatEncoder
 
 VIDEO = "videos/v00000.mp4"
@@ -32,7 +32,7 @@ def write_jsonl(path, lines):
 def make_dataset(path, chat, synthetic, frame_encoder=None, **kw):
     kw.setdefault("max_len", 128)
     return ConversationDataset(path, chat, num_frames=4, media_root=synthetic,
-                               preprocess=frame_encoder.pixels if frame_encoder else None, **kw)
+                               preprocess=frame_encoder.clip_inputs if frame_encoder else None, **kw)
 
 
 BAD_LINES = {
@@ -163,8 +163,8 @@ def test_dataset_uses_cached_features_and_pixels_for_the_rest(tmp_path, chat, sy
     (kind0, x0), = data[0]["media"]
     (kind1, x1), = data[1]["media"]
     assert kind0 == "features" and x0.dtype == torch.float16 and x0.shape == online.shape
-    assert kind1 == "pixels" and x1.shape == (4, 3, 32, 32)
-    frames, mask = frames_and_mask([(kind0, x0)], frame_encoder)
+    assert kind1 == "clip_inputs" and x1.shape == (4, 3, 32, 32)
+    frames, mask = features_and_mask([(kind0, x0)], frame_encoder)
     torch.testing.assert_close(frames[0], online, atol=2e-3, rtol=2e-3)
 
 

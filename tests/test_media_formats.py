@@ -282,11 +282,11 @@ def test_dataset_reads_videos_at_the_configured_rate(tmp_path, tokenizer, synthe
     path.write_text(json.dumps({"id": "x", "video": SYNTHETIC_VIDEO, "conversations": [
         {"role": "user", "content": "<video>\nWhat?"}, {"role": "assistant", "content": "red"}]}) + "\n")
     data = ConversationDataset(path, ChatEncoder(tokenizer, 2), num_frames=4, max_len=128, media_root=synthetic,
-                               preprocess=frame_encoder.pixels, fps=1.0)
+                               preprocess=frame_encoder.clip_inputs, fps=1.0)
     (kind, pixels), = data[0]["media"]
-    at_rate = frame_encoder.pixels(read_video(synthetic / SYNTHETIC_VIDEO, 4, fps=1.0))   # frames 0, 0, 8, 8
-    uniform = frame_encoder.pixels(read_video(synthetic / SYNTHETIC_VIDEO, 4))          # frames 2, 6, 10, 14
-    assert kind == "pixels" and torch.equal(pixels, at_rate) and not torch.equal(pixels, uniform)
+    at_rate = frame_encoder.clip_inputs(read_video(synthetic / SYNTHETIC_VIDEO, 4, fps=1.0))   # frames 0, 0, 8, 8
+    uniform = frame_encoder.clip_inputs(read_video(synthetic / SYNTHETIC_VIDEO, 4))          # frames 2, 6, 10, 14
+    assert kind == "clip_inputs" and torch.equal(pixels, at_rate) and not torch.equal(pixels, uniform)
 
 
 def test_fps_sampling_flags_reach_the_checkpoint_eval_and_later_stages(tmp_path, synthetic, fresh_flags, train,

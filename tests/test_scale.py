@@ -75,7 +75,7 @@ def test_extraction_split_over_two_ranks_is_one_cache_and_merges(tmp_path, synth
 def test_an_interrupted_extraction_resumes_with_only_what_is_missing(tmp_path, synthetic, vision_file, feature_cache,
                                                                      monkeypatch, capsys):
     out = tmp_path / "cache"
-    encode = extract_features.FrameEncoder.encode_pixels
+    encode = extract_features.FrameEncoder.encode_inputs
     batches = []
 
     def dies_at_the_third_batch(self, pixels, *args):
@@ -84,11 +84,11 @@ def test_an_interrupted_extraction_resumes_with_only_what_is_missing(tmp_path, s
             raise KeyboardInterrupt
         return encode(self, pixels, *args)
 
-    monkeypatch.setattr(extract_features.FrameEncoder, "encode_pixels", dies_at_the_third_batch)
+    monkeypatch.setattr(extract_features.FrameEncoder, "encode_inputs", dies_at_the_third_batch)
     with pytest.raises(KeyboardInterrupt):
         extract(monkeypatch, capsys, synthetic, vision_file, out, "--batch_size=2", "--shard_size=2")
     assert len(FeatureCache(out)) == 4   # two full shards made it to disk before the stop
-    monkeypatch.setattr(extract_features.FrameEncoder, "encode_pixels", encode)
+    monkeypatch.setattr(extract_features.FrameEncoder, "encode_inputs", encode)
     assert "8 new media" in extract(monkeypatch, capsys, synthetic, vision_file, out, "--batch_size=2", "--shard_size=2")
     assert_same_features(out, feature_cache)
 

@@ -119,7 +119,7 @@ def test_tower_file_loads_strictly_and_gives_the_source_models_features(tiny_cli
 @pytest.mark.parametrize("height, width", NON_SQUARE)
 def test_tower_file_brings_its_tags_preprocessing_offline(tiny_clip, tower_file, height, width):
     frames = noise_frames(height, width)
-    pixels = FrameEncoder(tiny_cfg(tower_file)).pixels(frames)
+    pixels = FrameEncoder(tiny_cfg(tower_file)).clip_inputs(frames)
     expected = torch.stack([tiny_clip[1](Image.fromarray(f)) for f in frames])
     assert pixels.shape == (2, 3, CLIP_SIZE, CLIP_SIZE)
     assert torch.equal(pixels, expected)
@@ -153,7 +153,7 @@ def test_pixels_match_open_clips_preprocess_for_non_square_frames(frame_encoder,
     _, _, preprocess = open_clip.create_model_and_transforms(CLIP_MODEL, force_image_size=CLIP_SIZE)
     frames = noise_frames(height, width, seed=height)
     expected = torch.stack([preprocess(Image.fromarray(f)) for f in frames])
-    pixels = frame_encoder.pixels(frames)
+    pixels = frame_encoder.clip_inputs(frames)
     assert pixels.shape == (2, 3, CLIP_SIZE, CLIP_SIZE) and torch.equal(pixels, expected)
 
 
@@ -161,8 +161,8 @@ def test_default_preprocess_crops_the_centre_of_a_wide_frame(frame_encoder):
     # Shortest-side resize + centre crop: the outer thirds of a 3:1 frame never reach the tower.
     frame = np.zeros((1, 60, 180, 3), np.uint8)
     frame[:, :, 40:140] = 255   # the centre 60..120 plus a margin for the resize kernel
-    pixels = frame_encoder.pixels(frame)
-    white = frame_encoder.pixels(np.full((1, 60, 180, 3), 255, np.uint8))
+    pixels = frame_encoder.clip_inputs(frame)
+    white = frame_encoder.clip_inputs(np.full((1, 60, 180, 3), 255, np.uint8))
     torch.testing.assert_close(pixels, white)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dataset.vlm_dataset import frames_and_mask
+from dataset.vlm_dataset import features_and_mask
 from model.config import VisionConfig
 from model.video_summary import MeanSummary, TemporalSummary
 
@@ -39,8 +39,8 @@ def test_visual_tokens_are_written_into_the_slots_in_media_order(make_vlm):
 def test_changing_the_frames_changes_logits_only_from_the_first_slot_on(make_vlm):
     model = make_vlm()
     ids = ids_with_slots(first_slot=5)
-    a = model(ids, frames=features(seed=0)[0], frame_mask=features()[1])
-    b = model(ids, frames=features(seed=1)[0], frame_mask=features()[1])
+    a = model(ids, features=features(seed=0)[0], frame_mask=features()[1])
+    b = model(ids, features=features(seed=1)[0], frame_mask=features()[1])
     torch.testing.assert_close(a[0, :5], b[0, :5])
     assert (a[0, 5:] - b[0, 5:]).abs().amax(-1).min() > 1e-6
 
@@ -51,13 +51,13 @@ def test_slot_count_must_match_media_count(make_vlm, media):
     ids = ids_with_slots(media=1)   # K slots = room for exactly one media item
     frames, mask = features(n=media) if media else (None, None)
     with pytest.raises(ValueError, match="visual slots"):
-        model(ids, frames=frames, frame_mask=mask)
+        model(ids, features=frames, frame_mask=mask)
 
 
 def test_media_without_slots_is_rejected(make_vlm):
     model = make_vlm()
     with pytest.raises(ValueError):
-        model(torch.randint(4, 64, (1, 6)), frames=features()[0], frame_mask=features()[1])
+        model(torch.randint(4, 64, (1, 6)), features=features()[0], frame_mask=features()[1])
 
 
 def summary_cfg(kind):
@@ -88,7 +88,7 @@ def test_padded_frames_do_not_change_the_summary(kind):
 def test_image_batched_with_a_video_gets_the_same_tokens_as_alone(make_vlm):
     model = make_vlm()
     image, video = torch.randn(1, 16), torch.randn(4, 16)
-    frames, mask = frames_and_mask([("features", image), ("features", video.half())])
+    frames, mask = features_and_mask([("features", image), ("features", video.half())])
     assert frames.shape == (2, 4, 16) and mask.tolist() == [[True, False, False, False], [True] * 4]
     together = model.visual_tokens(frames, mask)
     alone = model.visual_tokens(image[None], torch.ones(1, 1, dtype=torch.bool))
