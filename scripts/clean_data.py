@@ -9,11 +9,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.converters import rebase_media_path  # noqa: E402
-from dataset.media import MediaError, probe_media, read_media  # noqa: E402
-from dataset.vlm_dataset import media_pools, read_jsonl  # noqa: E402
-from model.chat import MEDIA_MARKER, BadSample, ChatEncoder, check_turns, load_tokenizer, marker_kinds  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from dataset.converters import rebase_media_path
+from dataset.media import MediaError, probe_media, read_media
+from dataset.vlm_dataset import media_pools, read_jsonl
+from model.chat import MEDIA_MARKER, BadSample, ChatEncoder, check_turns, load_tokenizer, marker_kinds
 
 # Reasons in the order the checks run (cheap text checks first, media last); the report lists them so.
 REASONS = ("malformed_json", "bad_turns", "marker_mismatch", "too_short", "too_long", "too_many_tokens",

@@ -6,8 +6,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.converters import (DEFAULT_CAPTION_PROMPT, FORMATS, Options, SourceError,  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from dataset.converters import (DEFAULT_CAPTION_PROMPT, FORMATS, Options, SourceError,
                                 convert_records, read_msvd_mapping)
 
 ID_ONLY_FORMATS = ("sharegpt4video", "videoinstruct", "msrvtt-qa", "msvd-qa")

@@ -1,10 +1,9 @@
 """Convert a MiniMind LM checkpoint (.pth, e.g. MiniMind2's lm_512.pth) into our LM file (.safetensors)."""
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.convert import ConversionError, read_minimind, save_lm  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from model.convert import ConversionError, read_minimind, save_lm
 
 
 def parse_args(argv=None):

@@ -15,8 +15,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import getproxies
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.vision import (VISION_DIR, VisionWeightsError, check_pretrained_tag, create_clip,  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from model.vision import (VISION_DIR, VisionWeightsError, check_pretrained_tag, create_clip,
                           register_local_configs, save_image_tower)
 
 

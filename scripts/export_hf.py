@@ -6,13 +6,11 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from model.chat import CHAT_TEMPLATE, TokenizerError, load_tokenizer  # noqa: E402
-from model.checkpoint import CheckpointError, find_checkpoint  # noqa: E402
-from model.config import config_to_dict  # noqa: E402
-from model.convert import ConversionError, read_ours, save_hf_folder  # noqa: E402
+from _repo import ROOT
+from model.chat import CHAT_TEMPLATE, TokenizerError, load_tokenizer
+from model.checkpoint import CheckpointError, find_checkpoint
+from model.config import config_to_dict
+from model.convert import ConversionError, read_ours, save_hf_folder
 
 VIDEO_MODEL_FILE = "video_llm.safetensors"   # the whole checkpoint, as eval.py / web_demo.py load it
 MAX_STAGES = 10                              # how far the card follows `source` back through earlier stages

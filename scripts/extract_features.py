@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dataset.features import FeatureCache, FeatureWriter, cache_folder, merge_manifests  # noqa: E402
-from dataset.media import SAMPLING_MODES, MediaError, read_media, sampling_rate  # noqa: E402
-from dataset.vlm_dataset import as_list, read_jsonl  # noqa: E402
-from model.config import VisionConfig  # noqa: E402
-from model.vision import FrameEncoder  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from dataset.features import FeatureCache, FeatureWriter, cache_folder, merge_manifests
+from dataset.media import SAMPLING_MODES, MediaError, read_media, sampling_rate
+from dataset.vlm_dataset import as_list, read_jsonl
+from model.config import VisionConfig
+from model.vision import FrameEncoder
 
 
 class MediaInputs(Dataset):

@@ -3,8 +3,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.vision import VISION_DIR, save_random_tower  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from model.vision import VISION_DIR, save_random_tower
 
 
 def main():

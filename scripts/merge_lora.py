@@ -3,9 +3,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info
 
 
 def parse_args(argv=None):

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from visualize import draw_answer_grid, plot_curves  # noqa: E402
+from _repo import ROOT
+from visualize import draw_answer_grid, plot_curves
 
 TEMPORAL_CATEGORIES = ["direction", "order"]
 CATEGORY_ORDER = ["colour", "shape", "count", "direction", "order", "caption"]

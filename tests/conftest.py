@@ -10,12 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from model.config import LMConfig, VisionConfig
+from model.vlm import VideoLLM
 
-from model.config import LMConfig, VisionConfig  # noqa: E402
-from model.vlm import VideoLLM  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tiny tensors run fastest on one thread, and a second thread can stall on a busy 2-core box.
 torch.set_num_threads(1)
@@ -33,7 +31,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic(workdir) -> Path:
     """12 train videos, 12 images, 6 test videos at 64 px (treat as read-only)."""
-    from make_synthetic import generate
+    from dataset.synthetic import generate
     out = workdir / "synthetic"
     generate(out, n_videos=12, seed=0, n_test=6, size=64, workers=2)
     return out
@@ -41,7 +39,7 @@ def synthetic(workdir) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(synthetic, workdir) -> Path:
-    from train_tokenizer import train
+    from model.tokenizer import train_tokenizer as train
     out = workdir / "tokenizer"
     train([synthetic / f"{s}.jsonl" for s in ("pretrain", "sft_image", "sft_video", "test")], out, 512)
     return out

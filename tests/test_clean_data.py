@@ -42,7 +42,7 @@ LINES = [
 
 
 def make_mp4(path: Path):
-    from make_synthetic import pick_codec, write_mp4
+    from dataset.synthetic import pick_codec, write_mp4
     frames = np.zeros((4, 32, 32, 3), np.uint8)
     frames[:, :16] = 220
     write_mp4(path, frames, 4, pick_codec())

@@ -258,7 +258,7 @@ def test_minimind_expanded_placeholder_and_marker_insertion():
 
 
 def make_mp4(path: Path):
-    from make_synthetic import pick_codec, write_mp4
+    from dataset.synthetic import pick_codec, write_mp4
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = np.zeros((4, 32, 32, 3), np.uint8)
     frames[:, :, :16] = 200

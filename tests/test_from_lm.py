@@ -13,7 +13,7 @@ def minimind_like_tokenizer(out_dir, synthetic, specials=("<|endoftext|>", "<|im
     """A byte-level BPE folder with MiniMind2's special tokens only: ChatML, no <|vision_pad|>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    from train_tokenizer import iter_texts
+    from model.tokenizer import iter_texts
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

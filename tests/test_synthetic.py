@@ -1,4 +1,4 @@
-"""Tests for scripts/make_synthetic.py: decodable videos, jsonl schema, held-out combos, pixels."""
+"""Tests for dataset/synthetic.py (and scripts/make_synthetic.py): decodable videos, jsonl schema, held-out combos, pixels."""
 
 import json
 import re
@@ -9,8 +9,8 @@ import decord
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import make_synthetic as ms  # noqa: E402
+import dataset.synthetic as ms
+from make_synthetic import parse_args
 
 SIZE, FRAMES, N_VIDEOS, SEED = 64, 16, 12, 7
 SPLITS = ("pretrain", "sft_image", "sft_video", "test")
@@ -178,7 +178,7 @@ BAD_ARGUMENTS = [["--n_videos", "0"], ["--n_videos", "2", "--size", "63"], ["--n
 @pytest.mark.parametrize("bad", BAD_ARGUMENTS)
 def test_bad_arguments_are_rejected(tmp_path, bad):
     with pytest.raises(SystemExit) as error:
-        ms.parse_args(["--out", str(tmp_path), *bad])
+        parse_args(["--out", str(tmp_path), *bad])
     assert error.value.code == 2
 
 
