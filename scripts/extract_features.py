@@ -80,7 +80,7 @@ def distributed_rank():
     return int(os.environ.get("RANK", 0)), world, world > 1 and "MASTER_ADDR" in os.environ
 
 
-def main():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", nargs="+", required=True, help="jsonl files (media paths relative to --media_root)")
     p.add_argument("--media_root", default=None, help="default: the first jsonl's folder")
@@ -103,27 +103,43 @@ def main():
     p.add_argument("--merge", action="store_true",
                    help="only fold the parts' manifests into manifest.json (optional: readers see the parts too)")
     p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
-    args = p.parse_args()
-    missing = [d for d in args.data if not Path(d).is_file()]
-    if missing:
-        sys.exit(f"error: {missing[0]}: no such file")
-    root = Path(args.media_root) if args.media_root else Path(args.data[0]).parent
+    return p.parse_args(argv)
+
+
+def vision_config(args) -> VisionConfig:
+    """The encoder and frame sampling the flags describe; exits with one line if the sampling is invalid."""
     cfg = VisionConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
                        clip_image_size=args.clip_image_size, num_frames=args.num_frames,
                        frame_sampling=args.frame_sampling, sample_fps=args.sample_fps)
     try:
-        fps = sampling_rate(cfg)
+        sampling_rate(cfg)
     except ValueError as e:
         sys.exit(f"error: --frame_sampling/--sample_fps: {e}")
-    folder = Path(args.out) if args.out else cache_folder(root, cfg)
-    if args.merge:
-        print(f"features: {merge_manifests(folder)} media in {folder / 'manifest.json'}")
-        return
+    return cfg
+
+
+def this_part(args):
+    """(rank, world, under torchrun): the flags, else torchrun's environment."""
     env_rank, env_world, torchrun = distributed_rank()
     rank = env_rank if args.rank is None else args.rank
     world = env_world if args.world_size is None else args.world_size
     if not 0 <= rank < world:
         sys.exit(f"error: --rank {rank} is not in 0..{world - 1} (--world_size {world})")
+    return rank, world, torchrun
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    missing = [d for d in args.data if not Path(d).is_file()]
+    if missing:
+        sys.exit(f"error: {missing[0]}: no such file")
+    root = Path(args.media_root) if args.media_root else Path(args.data[0]).parent
+    cfg = vision_config(args)
+    folder = Path(args.out) if args.out else cache_folder(root, cfg)
+    if args.merge:
+        print(f"features: {merge_manifests(folder)} media in {folder / 'manifest.json'}")
+        return
+    rank, world, torchrun = this_part(args)
     if torchrun:
         import torch.distributed as dist
         dist.init_process_group("gloo")   # only for the barrier before rank 0 merges
@@ -138,7 +154,8 @@ def main():
         sys.exit(f"error: {e}")
     writer = FeatureWriter(folder, args.shard_size, part=f"r{rank}" if world > 1 else "")
     start = time.perf_counter()
-    done, frames, failed = extract(todo, root, encoder, writer, fps, cfg.num_frames, args.batch_size, args.num_workers)
+    done, frames, failed = extract(todo, root, encoder, writer, sampling_rate(cfg), cfg.num_frames,
+                                   args.batch_size, args.num_workers)
     seconds = time.perf_counter() - start
     part = f"part {rank + 1}/{world}: " if world > 1 else ""
     print(f"features: {part}{done} new media ({frames} frames, {frames / max(seconds, 1e-9):.0f} frames/s), "
