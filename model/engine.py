@@ -189,8 +189,9 @@ class Engine:
         """The assistant's next answer to `conversation` (user/assistant turns, ending with the user's),
         whose user turns carry one <video>/<image> marker per item of media_features, in order.
 
-        stream(delta), if given, is called with each new piece of the answer as it is generated;
-        the pieces join to the answer (before its surrounding whitespace is stripped).
+        stream(delta), if given, is called once per generated token and once at the end, with what
+        the answer gained (empty while a character or a possible stop string is held back); the
+        pieces join to the answer (before its surrounding whitespace is stripped).
         """
         ids = self.prompt_ids(conversation, media_features)
         features, frame_mask = frames_and_mask([("features", f) for f in media_features], None, self.device)
@@ -279,10 +280,12 @@ class Engine:
 
 
 def push(stream, shown: str, text: str) -> str:
-    """Send stream() what `text` adds to what was shown; returns what is shown now."""
+    """Send stream() what `text` adds to what was shown (maybe nothing: every step is a sign of
+    progress to a client); returns what is shown now."""
     if len(text) > len(shown):
         stream(text[len(shown):])
         return text
+    stream("")
     return shown
 
 
