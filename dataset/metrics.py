@@ -13,6 +13,8 @@ replaced by spaces, split on whitespace, joined by single spaces (the scorers sp
   set of many captions: on a single caption every n-gram's idf is 0 and CIDEr is 0.
 """
 import re
+import sys
+from collections import defaultdict
 
 # Categories whose answers are free-form captions, scored with caption metrics (eval.py --caption_categories).
 CAPTION_CATEGORIES = ("caption",)
@@ -52,3 +54,32 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict:
     cider, _ = Cider().compute_score(truths, hypotheses)
     return {"bleu4": round(float(bleu[3]), 4), "rouge_l": round(float(rouge), 4), "cider": round(float(cider), 4),
             "n": len(predictions)}
+
+
+def summarise(preds, skipped, seconds, caption_categories=CAPTION_CATEGORIES) -> dict:
+    """A scored run's metrics: accuracy overall, by category and by subset, caption metrics, counts, time."""
+    def accuracy(rows):
+        return round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0
+    groups = {"by_category": defaultdict(list), "by_subset": defaultdict(list)}
+    for p in preds:
+        if p["category"]:
+            groups["by_category"][p["category"]].append(p)
+        if p["subset"]:
+            groups["by_subset"][p["subset"]].append(p)
+    return {"accuracy": accuracy(preds), "n": len(preds), "skipped": skipped,
+            **{name: {k: accuracy(v) for k, v in sorted(g.items())} for name, g in groups.items()},
+            "caption_metrics": caption_metrics(preds, caption_categories), "seconds": round(seconds, 2)}
+
+
+def caption_metrics(preds, categories) -> dict | None:
+    """BLEU-4 / ROUGE-L / CIDEr over the predictions in caption categories; None when there are none or
+    pycocoevalcap is missing (then one line on stderr says how to install it)."""
+    rows = [p for p in preds if p["category"] in categories]
+    if not rows:
+        return None
+    try:
+        scores = caption_scores([p["prediction"] for p in rows], [p["references"] for p in rows])
+    except CaptionMetricsUnavailable as e:
+        print(f"note: {e}", file=sys.stderr)
+        return None
+    return {**scores, "categories": sorted(set(categories))}

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from dataset.media import read_video, uniform_indices  # noqa: E402
 from model.config import LMConfig, VisionConfig  # noqa: E402
 from model.convert import HF_NAMES, hf_config, rename_out  # noqa: E402
+from model.engine import SamplingOptions, generate_tokens  # noqa: E402
 from model.vlm import VideoLLM  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 
@@ -224,14 +225,16 @@ def bench_train(shape, batch, seq_len, labelled, rounds, device, workdir, autoca
 
 
 def bench_decode(shape, prompt_len, new_tokens, rounds, device, workdir):
-    """Greedy decoding of one prompt: our KV cache vs transformers' generate vs ours without a cache."""
+    """Greedy decoding of one prompt: our KV cache (the Engine's token path) vs transformers' generate vs
+    ours without a cache."""
     ours = our_model(shape, device, lively=True).eval()
     hf = hf_twin(ours, device, workdir / f"hf_{shape}").eval()
     cfg = ours.lm_cfg
     prompt = text_batch(cfg, 1, prompt_len, 0.0, device)[0]
+    greedy = SamplingOptions(max_new_tokens=new_tokens)
 
-    def ours_cached():
-        return torch.stack(list(ours.generate(prompt, max_new_tokens=new_tokens)), dim=1)
+    def ours_cached():   # no end token: like theirs, exactly new_tokens tokens
+        return torch.stack(list(generate_tokens(ours, prompt, None, None, None, greedy)), dim=1)
 
     def theirs():
         with torch.no_grad():
@@ -505,84 +508,92 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    sections = [s.strip() for s in args.only.split(",") if s.strip()]
+def lm_section(args, device, workdir):
+    log("lm: training steps, ours vs transformers LlamaForCausalLM ...")
+    peak_before = matmul_peak(device, torch.float32)
+    lm = bench_train("small", 32, 128, 1.0, args.rounds, device, workdir)
+    sft = bench_train("small", 32, 128, SFT_LABELLED, args.rounds, device, workdir)
+    compiled = bench_train("small", 32, 128, 1.0, args.rounds, device, workdir, compile_ours=True)
+    big = bench_train("26M", 8, 256, 1.0, max(3, args.rounds // 2), device, workdir)
+    peak = max(peak_before, matmul_peak(device, torch.float32))
+    for run_ in (lm, big):
+        run_["cpu_mfu"] = round(run_["ours_tok_s"] * run_["flops_per_token"] / peak, 4)
+    detail = {"small_lm": lm, "small_sft": sft, "small_lm_compiled": compiled, "26M_lm": big,
+              "cpu_matmul_flops": round(peak)}
+    return detail, dict(train_vs_hf=lm["ratio"], train_vs_hf_sft=sft["ratio"], train_vs_hf_compiled=compiled["ratio"],
+                        train_vs_hf_26M=big["ratio"], train_tok_s=lm["ours_tok_s"], cpu_mfu=lm["cpu_mfu"],
+                        cpu_mfu_26M=big["cpu_mfu"])
+
+
+def decode_section(args, device, workdir):
+    log("decode: greedy generation, ours vs transformers generate vs no cache ...")
+    small = bench_decode("small", 64, 64, args.rounds, device, workdir)
+    big = bench_decode("26M", 64, 64, max(3, args.rounds // 2), device, workdir)
+    return {"small": small, "26M": big}, dict(
+        decode_vs_hf=small["ratio_vs_hf"], decode_cache_vs_nocache=small["ratio_vs_nocache"],
+        decode_tok_s=small["ours_tok_s"], decode_vs_hf_26M=big["ratio_vs_hf"],
+        decode_cache_vs_nocache_26M=big["ratio_vs_nocache"])
+
+
+def frames_section(args, device, workdir):
+    log("frames: sampling 8 frames of a 720p clip, ours vs decoding every frame ...")
+    short = bench_frames(args.video_seconds, 30, args.frame_rounds)
+    long = bench_frames(args.video_seconds, 250, args.frame_rounds)
+    pre = bench_preprocess(args.video_seconds, 30, args.frame_rounds)
+    return {"keyframe_every_1s": short, "keyframe_every_250": long, "preprocess": pre}, dict(
+        frames_vs_decode_all=short["ratio"], frames_vs_decode_all_keyint250=long["ratio"],
+        preprocess_frames_s=pre["preprocess_frames_s"], features_frames_s=pre["features_frames_s"])
+
+
+def cache_section(args, device, workdir):
+    log("cache: video-SFT steps with cached vs online CLIP features (train_sft.py runs) ...")
+    demo_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=128)
+    own_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=224)
+    return {"demo_128px": demo_size, "own_224px": own_size}, dict(
+        cached_vs_online=demo_size["ratio"], cached_vs_online_224px=own_size["ratio"],
+        cache_bytes_per_video=demo_size["cache_bytes_per_video"])
+
+
+def demo_section(args, device, workdir):
+    """The demo's times as read (or measured): the one section whose detail carries no measured_at."""
+    demo = demo_times(args.run_demo)
+    log(f"demo: {demo['source']}")
+    return demo, dict(demo_wall_s=demo.get("demo_wall_s"), demo_peak_rss_gb=demo.get("demo_peak_rss_gb"))
+
+
+def gpu_section(args, device, workdir):
+    if not torch.cuda.is_available():
+        log("gpu: skipped (no CUDA device on this machine)")
+        return {"skipped": "no CUDA device on this machine"}, {}
+    log("gpu: bf16 training steps of the 26M and 104M shapes ...")
+    gpu = bench_gpu(max(5, args.rounds), workdir)
+    values = {}
+    for shape in ("26M", "104M"):
+        best = gpu[shape][gpu[shape]["best"]]   # eager or --compile, whichever is faster
+        values.update({f"gpu_tok_s_{shape}": best["ours_tok_s"], f"gpu_mfu_{shape}": best["mfu"],
+                       f"gpu_train_vs_hf_{shape}": best["ratio"]})
+    return gpu, values
+
+
+# Each section: (args, CPU device, scratch folder) → (its details, the values it adds to the table).
+SECTION_RUNS = {"lm": lm_section, "decode": decode_section, "frames": frames_section, "cache": cache_section,
+                "demo": demo_section, "gpu": gpu_section}
+
+
+def chosen_sections(only: str) -> list:
+    sections = [s.strip() for s in only.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         sys.exit(f"error: --only: unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
-    out_path = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
-    report = json.loads(out_path.read_text()) if out_path.exists() and len(sections) < len(SECTIONS) else {}
-    values, details = report.get("values", {}), report.get("details", {})
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)   # for the train_sft.py runs
-    cpu = torch.device("cpu")
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    details["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "python": platform.python_version(), "measured_at": stamp}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            workdir = Path(tmp)
-            if "lm" in sections:
-                log("lm: training steps, ours vs transformers LlamaForCausalLM ...")
-                peak_before = matmul_peak(cpu, torch.float32)
-                lm = bench_train("small", 32, 128, 1.0, args.rounds, cpu, workdir)
-                sft = bench_train("small", 32, 128, SFT_LABELLED, args.rounds, cpu, workdir)
-                compiled = bench_train("small", 32, 128, 1.0, args.rounds, cpu, workdir, compile_ours=True)
-                big = bench_train("26M", 8, 256, 1.0, max(3, args.rounds // 2), cpu, workdir)
-                peak = max(peak_before, matmul_peak(cpu, torch.float32))
-                for run_ in (lm, big):
-                    run_["cpu_mfu"] = round(run_["ours_tok_s"] * run_["flops_per_token"] / peak, 4)
-                details["lm"] = {"small_lm": lm, "small_sft": sft, "small_lm_compiled": compiled, "26M_lm": big,
-                                 "cpu_matmul_flops": round(peak), "measured_at": stamp}
-                values.update(train_vs_hf=lm["ratio"], train_vs_hf_sft=sft["ratio"],
-                              train_vs_hf_compiled=compiled["ratio"], train_vs_hf_26M=big["ratio"],
-                              train_tok_s=lm["ours_tok_s"], cpu_mfu=lm["cpu_mfu"], cpu_mfu_26M=big["cpu_mfu"])
-            if "decode" in sections:
-                log("decode: greedy generation, ours vs transformers generate vs no cache ...")
-                small = bench_decode("small", 64, 64, args.rounds, cpu, workdir)
-                big = bench_decode("26M", 64, 64, max(3, args.rounds // 2), cpu, workdir)
-                details["decode"] = {"small": small, "26M": big, "measured_at": stamp}
-                values.update(decode_vs_hf=small["ratio_vs_hf"], decode_cache_vs_nocache=small["ratio_vs_nocache"],
-                              decode_tok_s=small["ours_tok_s"], decode_vs_hf_26M=big["ratio_vs_hf"],
-                              decode_cache_vs_nocache_26M=big["ratio_vs_nocache"])
-            if "frames" in sections:
-                log("frames: sampling 8 frames of a 720p clip, ours vs decoding every frame ...")
-                short = bench_frames(args.video_seconds, 30, args.frame_rounds)
-                long = bench_frames(args.video_seconds, 250, args.frame_rounds)
-                pre = bench_preprocess(args.video_seconds, 30, args.frame_rounds)
-                details["frames"] = {"keyframe_every_1s": short, "keyframe_every_250": long, "preprocess": pre,
-                                     "measured_at": stamp}
-                values.update(frames_vs_decode_all=short["ratio"], frames_vs_decode_all_keyint250=long["ratio"],
-                              preprocess_frames_s=pre["preprocess_frames_s"], features_frames_s=pre["features_frames_s"])
-            if "cache" in sections:
-                log("cache: video-SFT steps with cached vs online CLIP features (train_sft.py runs) ...")
-                demo_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=128)
-                own_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=224)
-                details["cache"] = {"demo_128px": demo_size, "own_224px": own_size, "measured_at": stamp}
-                values.update(cached_vs_online=demo_size["ratio"], cached_vs_online_224px=own_size["ratio"],
-                              cache_bytes_per_video=demo_size["cache_bytes_per_video"])
-            if "demo" in sections:
-                demo = demo_times(args.run_demo)
-                details["demo"] = demo
-                values.update(demo_wall_s=demo.get("demo_wall_s"), demo_peak_rss_gb=demo.get("demo_peak_rss_gb"))
-                log(f"demo: {demo['source']}")
-            if "gpu" in sections:
-                if torch.cuda.is_available():
-                    log("gpu: bf16 training steps of the 26M and 104M shapes ...")
-                    gpu = bench_gpu(max(5, args.rounds), workdir)
-                    details["gpu"] = {**gpu, "measured_at": stamp}
-                    for shape in ("26M", "104M"):
-                        best = gpu[shape][gpu[shape]["best"]]   # eager or --compile, whichever is faster
-                        values.update({f"gpu_tok_s_{shape}": best["ours_tok_s"], f"gpu_mfu_{shape}": best["mfu"],
-                                       f"gpu_train_vs_hf_{shape}": best["ratio"]})
-                else:
-                    details["gpu"] = {"skipped": "no CUDA device on this machine", "measured_at": stamp}
-                    log("gpu: skipped (no CUDA device on this machine)")
-    except BenchError as e:
-        sys.exit(f"error: {e}")
+    return sections
+
+
+def machine(stamp: str) -> dict:
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "measured_at": stamp}
+
+
+def write_report(values, details, out_path, argv):
     met = goal_table(values)
     report = {"values": values, "goals": {k: f"{op} {t:g}" for k, op, t in GOALS}, "met": met, "details": details,
               "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}
@@ -595,6 +606,28 @@ def main(argv=None):
     out_path.write_text(json.dumps(report, indent=1) + "\n")
     print_table(values, met)
     print(f"→ {out_path.relative_to(ROOT) if out_path.is_relative_to(ROOT) else out_path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sections = chosen_sections(args.only)
+    out_path = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
+    report = json.loads(out_path.read_text()) if out_path.exists() and len(sections) < len(SECTIONS) else {}
+    values, details = report.get("values", {}), report.get("details", {})
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)   # for the train_sft.py runs
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    details["machine"] = machine(stamp)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in (s for s in SECTIONS if s in sections):
+                detail, added = SECTION_RUNS[name](args, torch.device("cpu"), Path(tmp))
+                details[name] = detail if name == "demo" else {**detail, "measured_at": stamp}
+                values.update(added)
+    except BenchError as e:
+        sys.exit(f"error: {e}")
+    write_report(values, details, out_path, argv)
 
 
 if __name__ == "__main__":

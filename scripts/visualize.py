@@ -67,25 +67,23 @@ def draw_answer_grid(rows, path, columns: int):
     plt.close(fig)
 
 
-def answer_frames(session, media_path, kind, questions, **sampling):
-    """(the frames the model sees, [(question, answer)]): each question asked fresh about the media."""
-    frames, features = session.load_media(media_path, kind)
-    answers = [(q, session.reply([{"role": "user", "content": f"<{kind}>\n{q}"}], [features], **sampling))
+def answer_frames(engine, media_path, kind, questions, options):
+    """(the pixels the model sees, [(question, answer)]): each question asked fresh about the media."""
+    pixels, features = engine.read_media(media_path, kind)
+    answers = [(q, engine.reply([{"role": "user", "content": f"<{kind}>\n{q}"}], [features], options))
                for q in questions]
-    return frames, answers
+    return pixels, answers
 
 
 def frames_figure(args):
-    from eval import Session, parse_args as eval_args
-    flags = ["--out_dir", args.out_dir, "--device", args.device, "--max_new_tokens", str(args.max_new_tokens)]
-    flags += ["--weight", args.weight] if args.weight else []
-    flags += ["--lora", args.lora] if args.lora else []
-    session = Session(eval_args(flags))
+    from model.engine import Engine, SamplingOptions
+    engine = Engine.load(weight=args.weight, lora=args.lora, out_dir=args.out_dir, device=args.device)
     kind, media = ("video", args.video) if args.video else ("image", args.image)
-    frames, answers = answer_frames(session, media, kind, args.question)
+    pixels, answers = answer_frames(engine, media, kind, args.question,
+                                    SamplingOptions(max_new_tokens=args.max_new_tokens))
     qa = "\n".join(f"Q: {q}\nA: {a or '(empty)'}" for q, a in answers)
-    title = f"{Path(media).name} — {session.name}\n{qa}"
-    draw_answer_grid([{"frames": frames, "title": title}], args.out, columns=min(len(frames), args.columns))
+    title = f"{Path(media).name} — {engine.name}\n{qa}"
+    draw_answer_grid([{"frames": pixels, "title": title}], args.out, columns=min(len(pixels), args.columns))
     return answers
 
 
@@ -185,18 +183,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from eval import EvalError
-    from dataset.media import MediaError
-    from model.checkpoint import CheckpointError
-    from model.lora import LoraError
-    from model.vision import VisionWeightsError
+    from model.engine import INPUT_ERRORS
     args = parse_args(argv)
     try:
         if args.command == "frames":
             frames_figure(args)
         else:
             curves_figure(args)
-    except (VisualizeError, EvalError, MediaError, CheckpointError, LoraError, VisionWeightsError) as e:
+    except (VisualizeError, *INPUT_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"wrote {args.out}")

@@ -4,6 +4,7 @@ chat over several turns with streamed answers, switch between the checkpoints (a
     python scripts/web_demo.py --weight sft_video_128          # → http://127.0.0.1:7860
 """
 import argparse
+import dataclasses
 import os
 import queue
 import sys
@@ -13,13 +14,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, MediaError, native_stderr_silenced  # noqa: E402
-from eval import EvalError, Session, parse_args as eval_args  # noqa: E402
+from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, native_stderr_silenced  # noqa: E402
 from model.checkpoint import CheckpointError, find_checkpoint, read_metadata  # noqa: E402
-from model.lora import CONFIG_FILE, LoraError  # noqa: E402
-from model.vision import VisionWeightsError, weights_are_random  # noqa: E402
+from model.engine import INPUT_ERRORS, Engine, EngineError, SamplingOptions  # noqa: E402
+from model.lora import CONFIG_FILE  # noqa: E402
+from model.vision import weights_are_random  # noqa: E402
 
-LOAD_ERRORS = (EvalError, CheckpointError, LoraError, VisionWeightsError, MediaError, FileNotFoundError)
 # decord's reader swaps the process-wide stderr while it opens a file (native_stderr_silenced):
 # two users opening videos at once could leave it swapped, so media is read one file at a time.
 MEDIA_LOCK = threading.Lock()
@@ -76,37 +76,37 @@ def resolve_start(weight, out_dir) -> str | None:
 
 
 class Models:
-    """Sessions by path, the most recently used `keep` of them, shared by every user (inference only reads them)."""
+    """Engines by path, the most recently used `keep` of them, shared by every user (inference only reads them)."""
 
     def __init__(self, out_dir, device, keep=2):
         self.out_dir, self.device, self.keep = out_dir, device, keep
         self.loaded = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, path) -> Session:
+    def get(self, path) -> Engine:
         with self.lock:
             if path in self.loaded:
                 self.loaded.move_to_end(path)
                 return self.loaded[path]
-            source = ["--lora", path] if (Path(path) / CONFIG_FILE).is_file() else ["--weight", path]
+            source = {"lora": path} if (Path(path) / CONFIG_FILE).is_file() else {"weight": path}
             try:
-                session = Session(eval_args([*source, "--out_dir", self.out_dir, "--device", self.device]))
-                session.encoder   # the vision tower loads now, once, not inside two users' requests
-            except LOAD_ERRORS as e:
+                engine = Engine.load(**source, out_dir=self.out_dir, device=self.device)
+                engine.encoder   # the vision tower loads now, once, not inside two users' requests
+            except INPUT_ERRORS as e:
                 raise DemoError(f"cannot load {path}: {e}") from None
-            self.loaded[path] = session
+            self.loaded[path] = engine
             while len(self.loaded) > self.keep:
                 self.loaded.popitem(last=False)
-            return session
+            return engine
 
 
-def describe(session) -> str:
-    cfg = session.model.vision_cfg
+def describe(engine) -> str:
+    cfg = engine.model.vision_cfg
     tower = cfg.clip_pretrained
     random = Path(tower).is_file() and tower.endswith(".safetensors") and weights_are_random(tower)
     note = " — **its vision tower is RANDOMLY INITIALISED** (the offline demo's), so only synthetic clips make sense" \
         if random else ""
-    return f"Model `{session.name}`: {cfg.num_frames} frames per video, open_clip `{cfg.clip_model}`{note}."
+    return f"Model `{engine.name}`: {cfg.num_frames} frames per video, open_clip `{cfg.clip_model}`{note}."
 
 
 # ---------------------------------------------------------------- media and chat
@@ -130,8 +130,8 @@ def video_frame_count(path) -> int:
         raise DemoError(f"{Path(path).name}: cannot open the video ({str(e).splitlines()[0][:120]})") from None
 
 
-def load_media(session, path, max_video_frames):
-    """(kind, sampled frames, their CLIP features); DemoError for what the page should say instead."""
+def load_media(engine, path, max_video_frames):
+    """(kind, sampled pixels, their CLIP features); DemoError for what the page should say instead."""
     kind = media_kind(path)
     with MEDIA_LOCK:
         if kind == "video":
@@ -140,24 +140,36 @@ def load_media(session, path, max_video_frames):
                 raise DemoError(f"{Path(path).name}: {total} frames, more than this demo takes "
                                 f"({max_video_frames}; --max_video_frames)")
         try:
-            frames, features = session.load_media(path, kind)
-        except MediaError as e:
+            pixels, features = engine.read_media(path, kind)
+        except INPUT_ERRORS as e:
             raise DemoError(str(e).replace(str(path), Path(path).name)) from None
-    return kind, frames, features
+    return kind, pixels, features
 
 
 def new_state(model_path) -> dict:
     return {"model": model_path, "media": None, "kind": None, "features": None, "conversation": []}
 
 
-def stream_reply(session, conversation, media, **sampling):
+def unanswerable(engine, conversation, media) -> str | None:
+    """Why the model cannot answer this conversation, as the chat says it; None when it can."""
+    try:
+        context = len(engine.prompt_ids(conversation, media))
+    except EngineError as e:   # e.g. a typed "<video>" with no video to fill it
+        return f"(error: {e})"
+    if context + 1 > engine.max_seq_len:
+        return (f"(The conversation is longer than the model's context, {engine.max_seq_len} tokens: "
+                "press Clear to start over.)")
+    return None
+
+
+def stream_reply(engine, conversation, media, options):
     """Yield the answer as it grows; generation runs in a worker thread so each delta reaches the page at once."""
     deltas = queue.Queue()
     finished = object()
 
     def work():
         try:
-            session.reply(conversation, media, stream=deltas.put, **sampling)
+            engine.reply(conversation, media, options, stream=deltas.put)
             deltas.put(finished)
         except Exception as e:   # handed to the request's thread, which shows it
             deltas.put(e)
@@ -170,73 +182,69 @@ def stream_reply(session, conversation, media, **sampling):
         yield text
 
 
-def build_app(args):
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # offline-first: no usage pings
-    import gradio as gr
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-    models = Models(args.out_dir, device, args.keep_models)
-    start = resolve_start(args.weight, args.out_dir)
-    if start is None:
-        choices = list_models(args.out_dir)
-        if not choices:
-            raise DemoError(f"{args.out_dir}/ holds no checkpoints; train one or pass --weight")
-        start = next(iter(choices.values()))
-    first = models.get(start)   # fail at start-up, not in the first user's request
+def gallery_of(pixels):
+    return [(f, f"frame {i + 1}/{len(pixels)}") for i, f in enumerate(pixels)]
 
-    def gallery_of(frames):
-        return [(f, f"frame {i + 1}/{len(frames)}") for i, f in enumerate(frames)]
 
-    def sampled(frames, path):
-        return f"{len(frames)} frame{'s' * (len(frames) > 1)} sampled from `{Path(path).name}`: what the model sees."
+def sampled(pixels, path):
+    return f"{len(pixels)} frame{'s' * (len(pixels) > 1)} sampled from `{Path(path).name}`: what the model sees."
 
-    def on_model(path, state):
+
+class Handlers:
+    """What the page's events do; every user's own chat lives in their gradio State, not here."""
+
+    def __init__(self, args, models, start):
+        self.args, self.models, self.start = args, models, start
+
+    def on_model(self, path, state):
         """Switch checkpoints: the chat restarts (earlier answers came from another model); the media stays."""
+        import gradio as gr
         state = {**new_state(path), "media": state["media"]}
         try:
-            session = models.get(path)
+            engine = self.models.get(path)
         except DemoError as e:
             return state, [], None, f"**Error:** {e}", gr.update()
         if not state["media"]:
-            return state, [], None, WAITING, describe(session)
+            return state, [], None, WAITING, describe(engine)
         try:   # another model may sample other frames, through another tower
-            state["kind"], frames, state["features"] = load_media(session, state["media"], args.max_video_frames)
+            state["kind"], pixels, state["features"] = load_media(engine, state["media"], self.args.max_video_frames)
         except DemoError as e:
-            return {**state, "media": None}, [], None, f"**Error:** {e}", describe(session)
-        return state, [], gallery_of(frames), sampled(frames, state["media"]), describe(session)
+            return {**state, "media": None}, [], None, f"**Error:** {e}", describe(engine)
+        return state, [], gallery_of(pixels), sampled(pixels, state["media"]), describe(engine)
 
-    def on_upload(file, state):
+    def on_upload(self, file, state):
         state = new_state(state["model"])
         if file is None:
             return state, [], None, WAITING
         try:
-            session = models.get(state["model"])
-            state["kind"], frames, state["features"] = load_media(session, file, args.max_video_frames)
+            engine = self.models.get(state["model"])
+            state["kind"], pixels, state["features"] = load_media(engine, file, self.args.max_video_frames)
         except DemoError as e:
             return state, [], None, f"**Error:** {e}"
         state["media"] = file
-        return state, [], gallery_of(frames), sampled(frames, file)
+        return state, [], gallery_of(pixels), sampled(pixels, file)
 
-    def on_ask(message, history, state, max_new_tokens, temperature):
+    def on_ask(self, message, history, state, max_new_tokens, temperature):
         message = (message or "").strip()
         if not message:
             yield history, state, ""
             return
-        session = models.get(state["model"])
+        engine = self.models.get(state["model"])
         marker = f"<{state['kind']}>\n" if state["features"] is not None and not state["conversation"] else ""
         conversation = state["conversation"] + [{"role": "user", "content": marker + message}]
         history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield history, state, ""
-        context = len(session.chat.encode(conversation, add_generation_prompt=True)[0])
-        if context + 1 > session.model.lm_cfg.max_seq_len:
-            history[-1]["content"] = (f"(The conversation is longer than the model's context, "
-                                      f"{session.model.lm_cfg.max_seq_len} tokens: press Clear to start over.)")
+        media = [state["features"]] if state["features"] is not None else []
+        note = unanswerable(engine, conversation, media)
+        if note:
+            history[-1]["content"] = note
             yield history, state, ""
             return
-        media = [state["features"]] if state["features"] is not None else []
+        options = dataclasses.replace(SamplingOptions(), max_new_tokens=int(max_new_tokens),
+                                      temperature=float(temperature))
         answer = ""
         try:
-            for answer in stream_reply(session, conversation, media, max_new_tokens=int(max_new_tokens),
-                                       temperature=float(temperature)):
+            for answer in stream_reply(engine, conversation, media, options):
                 history[-1]["content"] = answer
                 yield history, state, ""
         except DemoError as e:
@@ -247,45 +255,83 @@ def build_app(args):
         state = {**state, "conversation": conversation + [{"role": "assistant", "content": answer.strip()}]}
         yield history, state, ""
 
-    def on_clear(state):
+    def on_clear(self, state):
         return {**state, "conversation": []}, []
 
-    def on_page_load(state):
-        found = list_models(args.out_dir, extra=start)
+    def on_page_load(self, state):
+        import gradio as gr
+        found = list_models(self.args.out_dir, extra=self.start)
         return gr.update(choices=list(found.items()), value=state["model"])
 
+
+def start_model(args, models) -> str:
+    """The checkpoint the page opens with (--weight, else the first in --out_dir), loaded now: a model
+    that cannot load fails at start-up, not in the first user's request."""
+    start = resolve_start(args.weight, args.out_dir)
+    if start is None:
+        choices = list_models(args.out_dir)
+        if not choices:
+            raise DemoError(f"{args.out_dir}/ holds no checkpoints; train one or pass --weight")
+        start = next(iter(choices.values()))
+    models.get(start)
+    return start
+
+
+def layout(gr, args, start, first):
+    """The page's components, by name (their elem_ids are what the browser test finds)."""
+    ui = {"state": gr.State(new_state(start))}
+    gr.Markdown("# tiny video LLM — chat\nUpload a video or an image, then ask about it. "
+                "Answers stream as they are generated.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            ui["model_menu"] = gr.Dropdown(choices=list(list_models(args.out_dir, extra=start).items()), value=start,
+                                           label="checkpoint", elem_id="model-menu")
+            ui["model_info"] = gr.Markdown(describe(first), elem_id="model-info")
+            ui["upload"] = gr.File(label=f"video or image (≤ {args.max_upload_mb:g} MB)", elem_id="upload",
+                                   file_types=sorted(VIDEO_SUFFIXES | IMAGE_SUFFIXES))
+            ui["status"] = gr.Markdown(WAITING, elem_id="status")
+            ui["gallery"] = gr.Gallery(label="sampled frames", columns=4, height=300, object_fit="contain",
+                                       elem_id="frames", type="numpy")
+            with gr.Accordion("generation", open=False):
+                ui["max_new"] = gr.Slider(8, 256, value=SamplingOptions.max_new_tokens, step=8,
+                                          label="max new tokens")
+                ui["temperature"] = gr.Slider(0, 1.5, value=SamplingOptions.temperature, step=0.1,
+                                              label="temperature (0: greedy)")
+        with gr.Column(scale=3):
+            ui["chatbot"] = gr.Chatbot(label="chat", elem_id="chat", height=480, feedback_options=None)
+            with gr.Row():
+                ui["box"] = gr.Textbox(placeholder="Ask about the video…", show_label=False, scale=5,
+                                       elem_id="question")
+                ui["send"] = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            ui["clear"] = gr.Button("Clear chat", elem_id="clear")
+    return ui
+
+
+def wire(app, ui, handlers):
+    """Connect the components' events to the handlers; api_names are what gradio_client calls."""
+    state, chatbot = ui["state"], ui["chatbot"]
+    ui["model_menu"].change(handlers.on_model, [ui["model_menu"], state],
+                            [state, chatbot, ui["gallery"], ui["status"], ui["model_info"]], api_name="switch_model")
+    ui["upload"].change(handlers.on_upload, [ui["upload"], state], [state, chatbot, ui["gallery"], ui["status"]],
+                        api_name="upload")
+    ask_inputs = [ui["box"], chatbot, state, ui["max_new"], ui["temperature"]]
+    ask_outputs = [chatbot, state, ui["box"]]
+    ui["send"].click(handlers.on_ask, ask_inputs, ask_outputs, api_name="ask")
+    ui["box"].submit(handlers.on_ask, ask_inputs, ask_outputs, api_visibility="private")
+    ui["clear"].click(handlers.on_clear, [state], [state, chatbot], api_name="clear")
+    app.load(handlers.on_page_load, [state], [ui["model_menu"]])
+
+
+def build_app(args):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # offline-first: no usage pings
+    import gradio as gr
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    models = Models(args.out_dir, device, args.keep_models)
+    start = start_model(args, models)
+    handlers = Handlers(args, models, start)
     theme = gr.themes.Default(font=["sans-serif"], font_mono=["monospace"])   # system fonts: no font download
     with gr.Blocks(title="tiny video LLM", analytics_enabled=False) as app:
-        gr.Markdown("# tiny video LLM — chat\nUpload a video or an image, then ask about it. "
-                    "Answers stream as they are generated.")
-        state = gr.State(new_state(start))
-        with gr.Row():
-            with gr.Column(scale=2):
-                model_menu = gr.Dropdown(choices=list(list_models(args.out_dir, extra=start).items()), value=start,
-                                         label="checkpoint", elem_id="model-menu")
-                model_info = gr.Markdown(describe(first), elem_id="model-info")
-                upload = gr.File(label=f"video or image (≤ {args.max_upload_mb:g} MB)", elem_id="upload",
-                                 file_types=sorted(VIDEO_SUFFIXES | IMAGE_SUFFIXES))
-                status = gr.Markdown(WAITING, elem_id="status")
-                gallery = gr.Gallery(label="sampled frames", columns=4, height=300, object_fit="contain",
-                                     elem_id="frames", type="numpy")
-                with gr.Accordion("generation", open=False):
-                    max_new = gr.Slider(8, 256, value=64, step=8, label="max new tokens")
-                    temperature = gr.Slider(0, 1.5, value=0, step=0.1, label="temperature (0: greedy)")
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="chat", elem_id="chat", height=480, feedback_options=None)
-                with gr.Row():
-                    box = gr.Textbox(placeholder="Ask about the video…", show_label=False, scale=5, elem_id="question")
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                clear = gr.Button("Clear chat", elem_id="clear")
-        model_menu.change(on_model, [model_menu, state], [state, chatbot, gallery, status, model_info],
-                          api_name="switch_model")
-        upload.change(on_upload, [upload, state], [state, chatbot, gallery, status], api_name="upload")
-        ask_inputs, ask_outputs = [box, chatbot, state, max_new, temperature], [chatbot, state, box]
-        send.click(on_ask, ask_inputs, ask_outputs, api_name="ask")
-        box.submit(on_ask, ask_inputs, ask_outputs, api_visibility="private")
-        clear.click(on_clear, [state], [state, chatbot], api_name="clear")
-        app.load(on_page_load, [state], [model_menu])
+        wire(app, layout(gr, args, start, models.get(start)), handlers)
     app.queue(default_concurrency_limit=args.concurrency)
     return app, theme
 
@@ -303,7 +349,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         launch(args)
-    except (DemoError, *LOAD_ERRORS) as e:
+    except (DemoError, *INPUT_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

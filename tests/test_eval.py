@@ -1,5 +1,4 @@
 """eval.py: batch scoring (exact match, caption metrics), one-shot --prompt answers, clean one-line errors, normalisation."""
-import importlib
 import importlib.util
 import json
 
@@ -111,14 +110,14 @@ def fake_preds():
             ("caption", "a blue square moves up", ["a blue square moves down", "A blue square moves up."]),
             ("caption", "a green star stays still", ["a green triangle stays still"]),
             ("colour", "red", ["red"]), ("colour", "blue", ["green"])]
-    exact_match = importlib.import_module("eval").exact_match
+    from dataset.metrics import exact_match
     return [{"id": str(i), "category": c, "subset": "", "prediction": p, "reference": refs[0], "references": refs,
              "correct": exact_match(p, refs)} for i, (c, p, refs) in enumerate(rows)]
 
 
 @needs_coco
 def test_caption_categories_choose_the_answers_that_get_caption_metrics():
-    summarise = importlib.import_module("eval").summarise
+    from dataset.metrics import summarise
     preds = fake_preds()
     default = summarise(preds, 0, 1.0)
     assert default["accuracy"] == 0.6 and default["by_category"] == {"caption": 0.6667, "colour": 0.5}
@@ -131,7 +130,8 @@ def test_without_pycocoevalcap_eval_still_scores_and_says_so_in_one_line(monkeyp
     import sys
     for name in ("pycocoevalcap", "pycocoevalcap.bleu.bleu", "pycocoevalcap.rouge.rouge", "pycocoevalcap.cider.cider"):
         monkeypatch.setitem(sys.modules, name, None)   # import now raises ImportError
-    metrics = importlib.import_module("eval").summarise(fake_preds(), 0, 1.0)
+    from dataset.metrics import summarise
+    metrics = summarise(fake_preds(), 0, 1.0)
     assert metrics["caption_metrics"] is None and metrics["accuracy"] == 0.6 and metrics["n"] == 5
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install pycocoevalcap" in lines[0]

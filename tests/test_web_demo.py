@@ -37,11 +37,12 @@ def server(video_checkpoint, tmp_path_factory):
 
 
 def eval_answer(checkpoint, video, question=QUESTION) -> str:
-    """What eval.py answers (greedy, 64 new tokens: the page's defaults)."""
-    from eval import Session, parse_args
-    session = Session(parse_args(["--weight", str(checkpoint), "--device", "cpu", "--max_new_tokens", "64"]))
-    _, features = session.load_media(str(video), "video")
-    return session.reply([{"role": "user", "content": f"<video>\n{question}"}], [features]).strip()
+    """What eval.py answers (greedy, 64 new tokens: the page's defaults), through the Engine it uses."""
+    from model.engine import Engine, SamplingOptions
+    engine = Engine.load(weight=str(checkpoint), device="cpu")
+    _, features = engine.read_media(str(video), "video")
+    return engine.reply([{"role": "user", "content": f"<video>\n{question}"}], [features],
+                        SamplingOptions(max_new_tokens=64, temperature=0)).strip()
 
 
 def several_word_answer(checkpoint, synthetic):
@@ -162,9 +163,9 @@ def test_bad_uploads_are_one_line_in_the_page(server, synthetic, tmp_path):
     big.write_bytes(b"\x00" * 1_500_000)   # over the server's --max_upload_mb 1
     with pytest.raises(Exception, match="(?i)size|large|413"):
         client.predict(handle_file(str(big)), api_name="/upload")
-    session = web_demo.Models(str(out), "cpu").get(str(out / "sft_video_32.safetensors"))
+    engine = web_demo.Models(str(out), "cpu").get(str(out / "sft_video_32.safetensors"))
     with pytest.raises(web_demo.DemoError, match="frames, more than this demo takes"):
-        web_demo.load_media(session, synthetic / "videos" / "t00000.mp4", max_video_frames=3)
+        web_demo.load_media(engine, synthetic / "videos" / "t00000.mp4", max_video_frames=3)
 
 
 def test_switching_checkpoints_keeps_the_video_and_restarts_the_chat(server, synthetic):
