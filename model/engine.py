@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from dataset.features import open_cache
 from dataset.media import MediaError, read_media as read_pixels, sampling_rate
 from dataset.metrics import exact_match
-from dataset.vlm_dataset import ConversationDataset, collate, frames_and_mask
+from dataset.vlm_dataset import ConversationDataset, collate, features_and_mask
 from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info
@@ -194,7 +194,7 @@ class Engine:
         pieces join to the answer (before its surrounding whitespace is stripped).
         """
         ids = self.prompt_ids(conversation, media_features)
-        features, frame_mask = frames_and_mask([("features", f) for f in media_features], None, self.device)
+        features, frame_mask = features_and_mask([("features", f) for f in media_features], None, self.device)
         batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.bool)}
         return self.generate_batch(batch, features, frame_mask, options, stream)[0]
 
@@ -257,7 +257,7 @@ class Engine:
             if not batch["size"]:
                 yield AnsweredBatch([], batch["skipped"])
                 continue
-            features, frame_mask = frames_and_mask(batch["media"], encoder, self.device)
+            features, frame_mask = features_and_mask(batch["media"], encoder, self.device)
             answers = self.generate_batch(batch, features, frame_mask, options)
             yield AnsweredBatch([prediction(batch, i, a) for i, a in enumerate(answers)], batch["skipped"])
 
@@ -272,7 +272,7 @@ class Engine:
                                    fps=sampling_rate(cfg))
         encoder = self.encoder if data.uncached() else None
         if encoder:
-            data.preprocess = encoder.pixels   # frames are decoded and transformed in the loader's workers
+            data.preprocess = encoder.clip_inputs   # pixels are decoded and transformed in the loader's workers
         loader = DataLoader(data, batch_size=batch_size, num_workers=2 if encoder else 0,
                             collate_fn=partial(collate, pad_id=self.chat.pad_id, left_pad=True,
                                                warn_skipped=not strict))

@@ -14,32 +14,30 @@ import os
 # Sleeping (not spinning) OpenMP threads: a spinning one stalls whenever the other core is busy.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from fractions import Fraction  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
+import argparse
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from dataset.media import read_video, uniform_indices  # noqa: E402
-from model.config import LMConfig, VisionConfig  # noqa: E402
-from model.convert import HF_NAMES, hf_config, rename_out  # noqa: E402
-from model.engine import SamplingOptions, generate_tokens  # noqa: E402
-from model.vlm import VideoLLM  # noqa: E402
-from trainer import make_optimizer  # noqa: E402
+from _repo import ROOT
+from dataset.media import read_video, uniform_indices
+from model.config import LMConfig, VisionConfig
+from model.convert import HF_NAMES, hf_config, rename_out
+from model.engine import SamplingOptions, generate_tokens
+from model.vlm import VideoLLM
+from trainer import make_optimizer
 
 SECTIONS = ("lm", "decode", "frames", "cache", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
@@ -361,7 +359,7 @@ def bench_preprocess(seconds, keyint, rounds, num_frames=8):
     encoder = FrameEncoder(VisionConfig(clip_model=DEMO_TOWER, clip_image_size=128,
                                         clip_pretrained=str(vision_weights())))
     with torch.no_grad():
-        times = alternate({"pixels": lambda: encoder.pixels(read_video(path, num_frames)),
+        times = alternate({"pixels": lambda: encoder.clip_inputs(read_video(path, num_frames)),
                            "features": lambda: encoder.encode(read_video(path, num_frames))}, rounds)
     return {"video": str(path.relative_to(ROOT)), "encoder": f"{DEMO_TOWER} @128 px (the demo's)",
             "preprocess_frames_s": round(num_frames / median(times["pixels"]), 2),
@@ -381,8 +379,8 @@ def run(cmd, what):
 def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
     """A video-SFT training step (train_sft.py, the demo's shapes) with cached CLIP features vs
     features computed online (frames decoded in DataLoader workers, CLIP in the step)."""
-    from make_synthetic import generate
-    from train_tokenizer import train as train_tokenizer
+    from dataset.synthetic import generate
+    from model.tokenizer import train_tokenizer
     data = BENCH / "data"
     if not (data / "sft_video.jsonl").exists():
         log(f"writing a small synthetic dataset to {data} ...")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _repo import ROOT
 
 FRAME_INCHES = 2.1   # width of one frame in the figures
 

@@ -12,13 +12,12 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, native_stderr_silenced  # noqa: E402
-from model.checkpoint import CheckpointError, find_checkpoint, read_metadata  # noqa: E402
-from model.engine import INPUT_ERRORS, Engine, EngineError, SamplingOptions  # noqa: E402
-from model.lora import CONFIG_FILE  # noqa: E402
-from model.vision import weights_are_random  # noqa: E402
+from _repo import ROOT
+from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, native_stderr_silenced
+from model.checkpoint import CheckpointError, find_checkpoint, read_metadata
+from model.engine import INPUT_ERRORS, Engine, EngineError, SamplingOptions
+from model.lora import CONFIG_FILE
+from model.vision import weights_are_random
 
 # decord's reader swaps the process-wide stderr while it opens a file (native_stderr_silenced):
 # two users opening videos at once could leave it swapped, so media is read one file at a time.
