@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import LMConfig, VisionConfig  # noqa: E402
 from model.vlm import VideoLLM  # noqa: E402
-from trainer import make_optimizer  # noqa: E402
+from trainer.optim import make_optimizer  # noqa: E402
 
 PRESETS = {"26m": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408),
            "104m": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, intermediate_size=2048)}

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer
+import trainer.cli
 from conftest import ROOT, read_log
 from model.checkpoint import atomic_write, load_torch_file, remove_stale_temps
 
@@ -152,7 +152,7 @@ def train_in_process(monkeypatch, capsys, *flags):
     """trainer.main as train_sft.py runs it → (exit status, stderr)."""
     monkeypatch.setattr(sys, "argv", ["train_sft.py", *map(str, flags)])
     try:
-        trainer.main(("image", "video"), lr=5e-4, epochs=3, batch_size=32)
+        trainer.cli.main(("image", "video"), lr=5e-4, epochs=3, batch_size=32)
         code = 0
     except SystemExit as e:
         code = e.code
