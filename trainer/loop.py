@@ -16,8 +16,7 @@ from tqdm import tqdm
 
 from dataset.vlm_dataset import collate, frames_and_mask
 from model.chat import ChatEncoder, load_tokenizer
-from model.checkpoint import (CheckpointError, atomic_write, load_torch_file, load_weights, remove_stale_temps,
-                              save_checkpoint)
+from model.checkpoint import atomic_write, load_weights, remove_stale_temps, save_checkpoint
 from model.convert import load_into
 from model import lora
 from model.vlm import VideoLLM
@@ -26,15 +25,18 @@ from trainer.data import fit_feature_stats, make_datasets
 from trainer.distributed import all_sum, all_sums, setup_distributed, wrap_ddp
 from trainer.errors import PeerStopped, TrainingError
 from trainer.optim import autocast_dtype, compile_blocks, lr_at, make_optimizer
-from trainer.parts import PARTS, set_trainable
+from trainer.parts import choose_parts, set_trainable, wrap_lora
 from trainer.sampler import Padded, ShardSampler
-from trainer.state import RESUME_KEYS, read_log_lines, rng_state, seed_everything, set_rng_state
+from trainer.state import (COUNTERS, all_rng_states, restore_optimizer, seed_everything, set_rng_state,
+                           share_resume_state, trim_log, write_resume_state)
 from trainer.trackers import open_trackers
 
 STAGE_PREFIX = {"pretrain": "pretrain_vlm", "image": "sft_image", "video": "sft_video"}
 
 
 class Trainer:
+    """One run: built from the flags (configs, data, model, update, loaders, outputs, resume), stepped by run()."""
+
     def __init__(self, args, stage: str):
         self.args, self.stage = args, stage
         if args.batch_size < 1 or args.accumulation_steps < 1:
@@ -42,14 +44,34 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed(args.device)
         seed_everything(args.seed)
         self.tokenizer = load_tokenizer(args.tokenizer)
-        lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(args)
-        self.source = str(weight_path or args.from_lm or "")
-        lm_cfg, lm_state = fit_lm_vocab(lm_cfg, lm_state, self.tokenizer, self.source)
-        vis_cfg.vision_token_id = self.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
+        lm_cfg, vis_cfg, weight_path, lm_state = self.read_configs()
         chat = ChatEncoder(self.tokenizer, vis_cfg.num_visual_tokens)
         self.pad_id = chat.pad_id
         self.train_set, self.val_set, self.encoder = make_datasets(
             args, vis_cfg, chat, self.device, self.rank, fresh=weight_path is None)
+        self.build_model(lm_cfg, vis_cfg, weight_path, lm_state)
+        self.build_update()
+        self.build_loaders()
+        self.name_outputs()
+        self.start_or_resume()
+        self.trackers = open_trackers(args, self.name) if self.rank == 0 else []
+        if self.rank == 0:
+            print(f"trainable: {self.trainable_params:,} of the model's {self.total_params:,} weights "
+                  f"({100 * self.trainable_params / self.total_params:.2f}%; parts: {','.join(self.parts)})")
+
+    # -- building
+
+    def read_configs(self):
+        """(lm_cfg, vis_cfg, checkpoint path or None, LM state or None), fitted to the tokenizer."""
+        lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(self.args)
+        self.source = str(weight_path or self.args.from_lm or "")
+        lm_cfg, lm_state = fit_lm_vocab(lm_cfg, lm_state, self.tokenizer, self.source)
+        vis_cfg.vision_token_id = self.tokenizer.convert_tokens_to_ids("<|vision_pad|>")
+        return lm_cfg, vis_cfg, weight_path, lm_state
+
+    def build_model(self, lm_cfg, vis_cfg, weight_path, lm_state):
+        """The model with its weights loaded and its trainable parts chosen, on the device."""
+        args = self.args
         torch.manual_seed(args.seed)
         model = VideoLLM(lm_cfg, vis_cfg)
         self.base_sha256 = None
@@ -65,22 +87,28 @@ class Trainer:
         self.total_params = lora.parameter_count(model)
         self.peft = None
         if args.lora_rank or args.qlora:
-            self.parts = self.wrap_lora(model, weight_path)
+            self.peft, self.parts = wrap_lora(model, args, weight_path, self.device)
         else:
-            pretrained = args.from_weight or args.from_lm
-            default_parts = "summary,projector" if (stage == "pretrain" and pretrained) else ",".join(PARTS)
-            self.parts = (args.train_parts or default_parts).split(",")
+            self.parts = choose_parts(args, self.stage)
             set_trainable(model, self.parts)
         self.trainable_params = lora.parameter_count(model, trainable_only=True)
         self.model = model.to(self.device)
         if args.compile:
             compile_blocks(model.lm)
-        self.ddp = wrap_ddp(model, self.device) if self.world > 1 else None
-        self.optimizer = make_optimizer(model, args, self.device)
-        dtype = autocast_dtype(args.dtype, self.device)
+
+    def build_update(self):
+        """What updates the weights: DDP (several ranks), AdamW, autocast, and for fp16 a loss scaler."""
+        self.ddp = wrap_ddp(self.model, self.device) if self.world > 1 else None
+        self.optimizer = make_optimizer(self.model, self.args, self.device)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        dtype = autocast_dtype(self.args.dtype, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         # fp16 needs loss scaling (its range is too narrow for small gradients); bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
+
+    def build_loaders(self):
+        """This rank's training and validation loaders, and the step count they give."""
+        args = self.args
         workers = args.num_workers if args.num_workers >= 0 else (2 if self.encoder else 0)
         # The loaders draw their worker seeds from their own generators, not the global RNG, so the
         # global RNG (dropout) sees the same draws whether the run was resumed or not.
@@ -98,41 +126,31 @@ class Trainer:
                                      generator=torch.Generator().manual_seed(args.seed))
         steps_per_epoch = math.ceil(len(self.loader) / args.accumulation_steps)
         self.total_steps = args.max_steps or args.epochs * steps_per_epoch
-        name = args.save_name or f"{STAGE_PREFIX[stage]}_{model.lm_cfg.hidden_size}" + ("_lora" if self.peft else "")
-        self.out_dir = Path(args.out_dir)
+
+    def name_outputs(self):
+        """The run's name and the paths of its checkpoint, resume state, log and metrics."""
+        args = self.args
+        name = args.save_name or f"{STAGE_PREFIX[self.stage]}_{self.model.lm_cfg.hidden_size}" + (
+            "_lora" if self.peft else "")
+        self.name, self.out_dir = name, Path(args.out_dir)
         # A LoRA run writes an adapter folder (peft format) beside its base, not a checkpoint file.
         self.ckpt_path = self.out_dir / (name if self.peft else f"{name}.safetensors")
         self.resume_path = self.out_dir / f"{name}.resume.pt"
         self.log_path = self.out_dir / "logs" / f"{name}.jsonl"
         self.metrics_path = self.out_dir / "logs" / f"{name}.metrics.json"
+
+    def start_or_resume(self):
+        """Counters at zero and a fresh log, or all of it from the resume state (--resume)."""
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.skipped, self.bad_steps, self.bad_in_a_row = 0, 0, 0
         if self.rank == 0:   # what a run killed mid-save left behind
             for path in (self.ckpt_path, self.resume_path, self.log_path, self.metrics_path):
                 remove_stale_temps(path.parent, glob.escape(path.name))
-        if args.resume:
+        if self.args.resume:
             self.load_resume()
         elif self.rank == 0:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
-        self.trackers = open_trackers(args, name) if self.rank == 0 else []
-        if self.rank == 0:
-            print(f"trainable: {self.trainable_params:,} of the model's {self.total_params:,} weights "
-                  f"({100 * self.trainable_params / self.total_params:.2f}%; parts: {','.join(self.parts)})")
-
-    def wrap_lora(self, model, weight_path):
-        """Adapters on the LM (+ --train_parts in full); returns the parts list recorded in the logs."""
-        args = self.args
-        if not weight_path:
-            raise TrainingError("--lora_rank adapts a trained model: give its checkpoint with --from_weight")
-        if not args.lora_rank:
-            raise TrainingError("--qlora needs --lora_rank (the adapters are what trains)")
-        full_parts = [p for p in (args.train_parts or "").split(",") if p]
-        if args.qlora:
-            lora.quantize_lm_4bit(model, self.device)
-        targets = [t for t in args.lora_targets.split(",") if t]
-        self.peft = lora.wrap(model, args.lora_rank, args.lora_alpha, args.lora_dropout, targets, full_parts)
-        return [f"lora(r={args.lora_rank}:{'+'.join(targets)})", *full_parts]
 
     # -- state
 
@@ -141,58 +159,23 @@ class Trainer:
                 "accumulation_steps": self.args.accumulation_steps, "seed": self.args.seed,
                 "train_samples": len(self.train_set)}
 
-    def read_resume_state(self) -> dict:
-        if not self.resume_path.is_file():
-            raise TrainingError(f"--resume: {self.resume_path} not found")
-        try:
-            state = load_torch_file(self.resume_path)   # weights_only: a resume file can run no code
-        except CheckpointError as e:
-            raise TrainingError(f"--resume: {e}") from None
-        saved = state.get("run", {})
-        now = self.run_settings()
-        clash = {k: (now[k], saved.get(k)) for k in RESUME_KEYS if saved.get(k) != now[k]}
-        if clash:
-            raise TrainingError(f"--resume: {self.resume_path} was saved by a run with other settings "
-                                f"(now, saved): {clash}")
-        return state
-
     def load_resume(self):
-        """Rank 0 reads the resume state and hands it to every rank (out_dir need not be shared between nodes)."""
-        state, error = None, None
-        if self.rank == 0:
-            try:
-                state = self.read_resume_state()
-            except TrainingError as e:
-                error = str(e)
-        if self.world > 1:
-            box = [state, error]
-            dist.broadcast_object_list(box, src=0)
-            state, error = box
-        if error:
-            raise TrainingError(error) if self.rank == 0 else PeerStopped()
+        """Weights, optimizer, counters and this rank's RNG state from the resume state; the log cut to its step."""
+        state = share_resume_state(self.resume_path, self.run_settings(), self.rank, self.world)
         if self.peft:
             lora.load_adapter_state(self.peft, state["model"], self.resume_path)
         else:
             self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None:
-            if "scaler" not in state:
-                raise TrainingError(f"--resume: {self.resume_path} was saved without fp16 loss scaling; "
-                                    f"resume with the --dtype it was trained with")
-            self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        self.skipped, self.bad_steps, self.bad_in_a_row = state["skipped"], state["bad_steps"], state["bad_in_a_row"]
+        restore_optimizer(state, self.optimizer, self.scaler, self.resume_path)
+        for name in COUNTERS:
+            setattr(self, name, state[name])
         set_rng_state(state["rng"][self.rank])
-        if self.rank == 0:   # drop log lines written after the saved step (and a line a kill cut short)
-            kept = [line for line in read_log_lines(self.log_path) if json.loads(line)["step"] <= self.step]
-            atomic_write(self.log_path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
+        if self.rank == 0:
+            trim_log(self.log_path, self.step)
 
     def save(self):
         """Checkpoint (safetensors) and resume state, both atomic; rank 0 writes."""
-        rngs = [rng_state()]
-        if self.world > 1:
-            rngs = [None] * self.world
-            dist.all_gather_object(rngs, rng_state())
+        rngs = all_rng_states(self.world)
         if self.rank != 0:
             return
         info = dict(stage=self.stage, step=self.step, tokenizer=self.args.tokenizer,
@@ -203,13 +186,9 @@ class Trainer:
         else:
             save_checkpoint(self.model, self.ckpt_path, **info)
             model_state = self.model.state_dict()
-        state = {"model": model_state, "optimizer": self.optimizer.state_dict(),
-                 "step": self.step, "epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                 "skipped": self.skipped, "bad_steps": self.bad_steps, "bad_in_a_row": self.bad_in_a_row,
-                 "rng": rngs, "run": self.run_settings()}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        atomic_write(self.resume_path, lambda tmp: torch.save(state, tmp))
+        counters = {name: getattr(self, name) for name in COUNTERS}
+        write_resume_state(self.resume_path, model_state, self.optimizer, self.scaler, counters, rngs,
+                           self.run_settings())
 
     # -- data
 
@@ -254,86 +233,120 @@ class Trainer:
     # -- steps
 
     def run(self):
-        args = self.args
-        model_params = [p for p in self.model.parameters() if p.requires_grad]
+        """Step to the end (--max_steps, or --epochs), then validate, save and write the metrics; returns them."""
         stream = self.micro_batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or args.no_progress,
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0 or self.args.no_progress,
                    desc=self.ckpt_path.stem, mininterval=1.0, dynamic_ncols=True)
         finished = False
         while self.step < self.total_steps and not finished:
+            # -- 1. take the step's micro-batches; every rank agrees on their token counts
             t0 = time.perf_counter()
-            micro = list(islice(stream, args.accumulation_steps))
-            if args.strict:
-                self.stop_on_bad_samples(micro)
-            # Summed over ranks, so every rank agrees: whether the data ran out (each rank has as
-            # many batches, ShardSampler), samples skipped, the loss's denominator, tokens seen.
-            ran_out, step_skipped, tokens, seen = all_sums(
-                [len(micro) < args.accumulation_steps, sum(b["skipped"] for b in micro),
-                 sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["size"]),
-                 sum(int(b["attention_mask"].sum()) for b in micro if b["size"])], self.world, self.device)
-            finished = ran_out > 0
-            self.skipped += int(step_skipped)
+            micro, tokens, seen, finished = self.gather_step(stream)
             if tokens == 0:   # nothing to learn from on any rank
                 continue
-            if self.ddp is None:
-                micro = [b for b in micro if b["size"]]
-            else:   # DDP pairs up each rank's forwards and backwards: every rank runs as many
-                micro = [b if b["size"] else self.empty_batch() for b in micro]
-            self.model.train()
-            lr = lr_at(self.step, self.total_steps, args)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            total_loss = 0.0
-            for i, batch in enumerate(micro):
-                last = i == len(micro) - 1
-                sync = self.ddp.no_sync() if (self.ddp and not last) else nullcontext()
-                with sync:
-                    loss, _ = self.loss_sum(batch)
-                    # Normalise by the global token count: every token weighs the same whatever
-                    # the micro-batch or rank it landed on (DDP averages, so × world).
-                    scaled = loss * self.world / tokens
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                total_loss += float(loss.detach())
-            loss_value = all_sum(total_loss, self.world, self.device) / tokens
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model_params, args.grad_clip))
+            # -- 2. forward/backward through each micro-batch at this step's learning rate
+            lr = self.set_learning_rate()
+            loss_value = self.forward_backward(micro, tokens)
+            # -- 3. clip, check, update
+            grad_norm = self.clip_gradients()
             # A non-finite gradient is normal while fp16 loss scaling finds its scale (the scaler
             # skips that update itself); otherwise it is a diverged step like a non-finite loss.
             if not math.isfinite(loss_value) or (self.scaler is None and not math.isfinite(grad_norm)):
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.update()
-                self.bad_steps += 1
-                self.bad_in_a_row += 1
-                if self.rank == 0:
-                    what = "loss" if not math.isfinite(loss_value) else "gradient"
-                    print(f"warning: non-finite {what} after step {self.step}: update skipped "
-                          f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)", file=sys.stderr, flush=True)
-                if self.bad_in_a_row >= args.max_bad_steps:
-                    raise TrainingError(f"loss or gradient was not finite for {self.bad_in_a_row} steps in a row "
-                                        f"after step {self.step}; lower --learning_rate or check the data")
+                self.skip_bad_step(loss_value)
                 continue
-            self.bad_in_a_row = 0
-            if self.scaler is not None:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            seconds = time.perf_counter() - t0
-            record = {"step": self.step, "loss": round(loss_value, 6), "lr": lr,
-                      "tok_s": round(seen / seconds, 1), "skipped": self.skipped, "bad_steps": self.bad_steps,
-                      "grad_norm": round(grad_norm, 4), "epoch": self.epoch, "step_s": round(seconds, 4)}
-            if args.val_every and self.step % args.val_every == 0:
-                record["val_loss"] = self.validate()
-            self.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen / seconds:.0f}")
-            if args.save_every and self.step % args.save_every == 0:
+            self.apply_update()
+            # -- 4. log, validate, save
+            self.log_step(loss_value, lr, grad_norm, seen, time.perf_counter() - t0, bar)
+            if self.args.save_every and self.step % self.args.save_every == 0:
                 self.save()
         bar.close()
+        return self.finish()
+
+    def gather_step(self, stream):
+        """(micro-batches, tokens to learn from, tokens seen, whether the data ran out), summed over ranks."""
+        args = self.args
+        micro = list(islice(stream, args.accumulation_steps))
+        if args.strict:
+            self.stop_on_bad_samples(micro)
+        # Summed over ranks, so every rank agrees: whether the data ran out (each rank has as
+        # many batches, ShardSampler), samples skipped, the loss's denominator, tokens seen.
+        ran_out, step_skipped, tokens, seen = all_sums(
+            [len(micro) < args.accumulation_steps, sum(b["skipped"] for b in micro),
+             sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["size"]),
+             sum(int(b["attention_mask"].sum()) for b in micro if b["size"])], self.world, self.device)
+        self.skipped += int(step_skipped)
+        return micro, tokens, seen, ran_out > 0
+
+    def set_learning_rate(self) -> float:
+        lr = lr_at(self.step, self.total_steps, self.args)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def forward_backward(self, micro, tokens) -> float:
+        """Gradients of the step's loss (synced by DDP at the last micro-batch); returns the mean token loss."""
+        if self.ddp is None:
+            micro = [b for b in micro if b["size"]]
+        else:   # DDP pairs up each rank's forwards and backwards: every rank runs as many
+            micro = [b if b["size"] else self.empty_batch() for b in micro]
+        self.model.train()
+        total_loss = 0.0
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = self.ddp.no_sync() if (self.ddp and not last) else nullcontext()
+            with sync:
+                loss, _ = self.loss_sum(batch)
+                # Normalise by the global token count: every token weighs the same whatever
+                # the micro-batch or rank it landed on (DDP averages, so × world).
+                scaled = loss * self.world / tokens
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total_loss += float(loss.detach())
+        return all_sum(total_loss, self.world, self.device) / tokens
+
+    def clip_gradients(self) -> float:
+        """Clip to --grad_clip; returns the norm before clipping."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        return float(torch.nn.utils.clip_grad_norm_(self.trainable, self.args.grad_clip))
+
+    def skip_bad_step(self, loss_value):
+        """Drop a diverged step's gradients and count it; too many in a row stop the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        if self.rank == 0:
+            what = "loss" if not math.isfinite(loss_value) else "gradient"
+            print(f"warning: non-finite {what} after step {self.step}: update skipped "
+                  f"({self.bad_in_a_row} in a row, {self.bad_steps} in all)", file=sys.stderr, flush=True)
+        if self.bad_in_a_row >= self.args.max_bad_steps:
+            raise TrainingError(f"loss or gradient was not finite for {self.bad_in_a_row} steps in a row "
+                                f"after step {self.step}; lower --learning_rate or check the data")
+
+    def apply_update(self):
+        self.bad_in_a_row = 0
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def log_step(self, loss_value, lr, grad_norm, seen, seconds, bar):
+        """The step's log record (with val_loss every --val_every steps), to the log, trackers and bar."""
+        record = {"step": self.step, "loss": round(loss_value, 6), "lr": lr,
+                  "tok_s": round(seen / seconds, 1), "skipped": self.skipped, "bad_steps": self.bad_steps,
+                  "grad_norm": round(grad_norm, 4), "epoch": self.epoch, "step_s": round(seconds, 4)}
+        if self.args.val_every and self.step % self.args.val_every == 0:
+            record["val_loss"] = self.validate()
+        self.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen / seconds:.0f}")
+
+    def finish(self) -> dict:
+        """Final validation, checkpoint and metrics file; returns the metrics."""
         result = {"step": self.step, "skipped": self.skipped, "bad_steps": self.bad_steps,
                   "val_loss": self.validate(), "trainable_params": self.trainable_params,
                   "total_params": self.total_params}
