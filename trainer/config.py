@@ -23,48 +23,65 @@ def resolve_configs(args):
     Flags may not contradict a checkpoint's config, except those in STAGE_SETTINGS; the weights
     are loaded later, once the encoder has fixed the CLIP feature width.
     """
-    lm_flags = {f.name: getattr(args, f.name) for f in fields(LMConfig) if getattr(args, f.name, None) is not None}
-    vis_flags = {f.name: getattr(args, f.name) for f in fields(VisionConfig) if getattr(args, f.name, None) is not None}
+    lm_flags, vis_flags = flags_for(LMConfig, args), flags_for(VisionConfig, args)
     if vis_flags.get("frame_sampling") == "uniform":   # a checkpoint's fps rate does not carry over
         vis_flags.setdefault("sample_fps", 0.0)
     lm_state = None
     if args.from_lm:
-        if args.from_weight:
-            raise TrainingError("--from_lm and --from_weight both given: pick one")
-        # A MiniMind .pth cannot tell its head count or RoPE base; the flags (or MiniMind2's values) do.
-        lm_cfg, lm_state = read_lm(args.from_lm, num_heads=lm_flags.get("num_heads", 8),
-                                   rope_theta=lm_flags.get("rope_theta", 1e6))
-        clash = {k: (v, getattr(lm_cfg, k)) for k, v in lm_flags.items()
-                 if k not in STAGE_SETTINGS and getattr(lm_cfg, k) != v}
-        if clash:
-            raise TrainingError(f"{args.from_lm}: flags contradict the LM's config (flag, weights): {clash}")
-        for name in STAGE_SETTINGS & set(lm_flags):
-            setattr(lm_cfg, name, lm_flags[name])
-        vis_cfg, path = VisionConfig(**vis_flags), None
+        lm_cfg, vis_cfg, path, lm_state = configs_from_lm(args, lm_flags, vis_flags)
     elif args.from_weight:
-        path = find_checkpoint(args.from_weight, args.out_dir)
-        meta = read_metadata(path)
-        lm_cfg = config_from_dict(LMConfig, json.loads(meta["lm_config"]))
-        vis_cfg = config_from_dict(VisionConfig, json.loads(meta["vision_config"]))
-        for cfg, flags in ((lm_cfg, lm_flags), (vis_cfg, vis_flags)):
-            clash = {k: (v, getattr(cfg, k)) for k, v in flags.items()
-                     if k not in STAGE_SETTINGS and getattr(cfg, k) != v}
-            if clash:
-                raise TrainingError(f"{path}: flags contradict the checkpoint's config "
-                                    f"(flag, checkpoint): {clash}")
-        for cfg, flags in ((lm_cfg, lm_flags), (vis_cfg, vis_flags)):
-            for name in STAGE_SETTINGS & set(flags):
-                setattr(cfg, name, flags[name])
+        lm_cfg, vis_cfg, path = configs_from_checkpoint(args, lm_flags, vis_flags)
     else:
-        if "intermediate_size" not in lm_flags and "hidden_size" in lm_flags:
-            # SwiGLU width ≈ 8/3 × hidden, rounded up to a multiple of 64 (MiniMind's rule: 512 → 1408).
-            lm_flags["intermediate_size"] = 64 * math.ceil(lm_flags["hidden_size"] * 8 / 3 / 64)
-        lm_cfg, vis_cfg, path = LMConfig(**lm_flags), VisionConfig(**vis_flags), None
+        lm_cfg, vis_cfg, path = fresh_configs(lm_flags, vis_flags)
     try:
         sampling_rate(vis_cfg)
     except ValueError as e:
         raise TrainingError(f"--frame_sampling/--sample_fps: {e}") from None
     return lm_cfg, vis_cfg, path, lm_state
+
+
+def flags_for(config_class, args) -> dict:
+    """The flags given for the fields of config_class (a flag left at None was not given)."""
+    return {f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name, None) is not None}
+
+
+def adopt_flags(cfg, flags: dict, source, whose: str, theirs: str):
+    """Flags on a loaded config: those in STAGE_SETTINGS are applied, any other must agree with it."""
+    clash = {k: (v, getattr(cfg, k)) for k, v in flags.items() if k not in STAGE_SETTINGS and getattr(cfg, k) != v}
+    if clash:
+        raise TrainingError(f"{source}: flags contradict {whose} config (flag, {theirs}): {clash}")
+    for name in STAGE_SETTINGS & set(flags):
+        setattr(cfg, name, flags[name])
+
+
+def configs_from_lm(args, lm_flags: dict, vis_flags: dict):
+    """The LM's config (and state) from --from_lm's weights; the vision side from the flags."""
+    if args.from_weight:
+        raise TrainingError("--from_lm and --from_weight both given: pick one")
+    # A MiniMind .pth cannot tell its head count or RoPE base; the flags (or MiniMind2's values) do.
+    lm_cfg, lm_state = read_lm(args.from_lm, num_heads=lm_flags.get("num_heads", 8),
+                               rope_theta=lm_flags.get("rope_theta", 1e6))
+    adopt_flags(lm_cfg, lm_flags, args.from_lm, "the LM's", "weights")
+    return lm_cfg, VisionConfig(**vis_flags), None, lm_state
+
+
+def configs_from_checkpoint(args, lm_flags: dict, vis_flags: dict):
+    """Both configs from --from_weight's checkpoint metadata."""
+    path = find_checkpoint(args.from_weight, args.out_dir)
+    meta = read_metadata(path)
+    lm_cfg = config_from_dict(LMConfig, json.loads(meta["lm_config"]))
+    vis_cfg = config_from_dict(VisionConfig, json.loads(meta["vision_config"]))
+    for cfg, flags in ((lm_cfg, lm_flags), (vis_cfg, vis_flags)):
+        adopt_flags(cfg, flags, path, "the checkpoint's", "checkpoint")
+    return lm_cfg, vis_cfg, path
+
+
+def fresh_configs(lm_flags: dict, vis_flags: dict):
+    """Both configs from the flags (and the configs' defaults), for a model starting from scratch."""
+    if "intermediate_size" not in lm_flags and "hidden_size" in lm_flags:
+        # SwiGLU width ≈ 8/3 × hidden, rounded up to a multiple of 64 (MiniMind's rule: 512 → 1408).
+        lm_flags["intermediate_size"] = 64 * math.ceil(lm_flags["hidden_size"] * 8 / 3 / 64)
+    return LMConfig(**lm_flags), VisionConfig(**vis_flags), None
 
 
 def fit_lm_vocab(lm_cfg, lm_state, tokenizer, source):
