@@ -32,7 +32,7 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
 def add_data_flags(p):
     """What the run trains and validates on."""
     a = p.add_argument
-    a("--data_path", required=True, help="jsonl in the DESIGN.md schema")
+    a("--data_path", required=True, help="jsonl, one sample per line (docs/data-format.md)")
     a("--media_root", default=None, help="folder media paths are relative to (default: the jsonl's folder)")
     a("--val_path", default=None, help="validation jsonl (default: hold out --val_samples training rows)")
     a("--val_samples", type=int, default=64)
@@ -104,8 +104,8 @@ def add_run_flags(p):
       help="batch samples of alike length together (less padding; beware templated data, where "
            "alike length can mean alike question)")
     a("--compile", action="store_true",
-      help="torch.compile the LM's transformer blocks (on the demo's CPU shapes ~45 s of compiling buys ~10%% "
-           "faster steps: not worth it there); a block that fails to compile runs eagerly")
+      help="torch.compile the LM's transformer blocks (on small CPU shapes compiling rarely pays for itself); "
+           "a block that fails to compile runs eagerly")
     a("--strict", action="store_true", help="stop at the first unreadable sample instead of skipping it")
     a("--no_progress", action="store_true", help="no tqdm bar")
 
