@@ -1,4 +1,4 @@
-"""The model configs a run trains: from the flags, from --from_weight's checkpoint, or (LM only) from --from_lm's weights."""
+"""The model configs of a run: from the flags, from --from_weight's checkpoint, or (LM only) --from_lm's weights."""
 import json
 import math
 from dataclasses import fields

@@ -13,7 +13,6 @@ def autocast_dtype(flag: str, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag]
 
 
-
 def lr_at(step: int, total: int, args) -> float:
     """Linear warmup, then cosine from learning_rate down to learning_rate × min_lr_ratio."""
     if step < args.warmup_steps:

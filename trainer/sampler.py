@@ -1,4 +1,4 @@
-"""Which samples each rank reads, in which order: seeded, shardable, resumable mid-epoch, optionally grouped by length."""
+"""Which samples each rank reads in which order: seeded, sharded, resumable mid-epoch, optionally grouped by length."""
 import math
 
 import torch

@@ -39,7 +39,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-
 def read_log_lines(path) -> list:
     """The complete JSON lines of a run log (a last line cut short by a kill is dropped)."""
     if not Path(path).exists():
