@@ -62,7 +62,7 @@ class Trainer:
     # -- building
 
     def read_configs(self):
-        """(lm_cfg, vis_cfg, checkpoint path or None, LM state or None), fitted to the tokenizer."""
+        """(lm_cfg, vis_cfg, checkpoint path or None, LM state or None), fitted to the tokenizer; sets self.source."""
         lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(self.args)
         self.source = str(weight_path or self.args.from_lm or "")
         lm_cfg, lm_state = fit_lm_vocab(lm_cfg, lm_state, self.tokenizer, self.source)
@@ -100,7 +100,8 @@ class Trainer:
         """What updates the weights: DDP (several ranks), AdamW, autocast, and for fp16 a loss scaler."""
         self.ddp = wrap_ddp(self.model, self.device) if self.world > 1 else None
         self.optimizer = make_optimizer(self.model, self.args, self.device)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # The weights AdamW updates, and so the ones clipping covers.
+        self.updated = [p for p in self.model.parameters() if p.requires_grad]
         dtype = autocast_dtype(self.args.dtype, self.device)
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
         # fp16 needs loss scaling (its range is too narrow for small gradients); bf16 and fp32 do not.
@@ -307,7 +308,7 @@ class Trainer:
         """Clip to --grad_clip; returns the norm before clipping."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        return float(torch.nn.utils.clip_grad_norm_(self.trainable, self.args.grad_clip))
+        return float(torch.nn.utils.clip_grad_norm_(self.updated, self.args.grad_clip))
 
     def skip_bad_step(self, loss_value):
         """Drop a diverged step's gradients and count it; too many in a row stop the run."""
