@@ -37,7 +37,7 @@ from model.config import LMConfig, VisionConfig
 from model.convert import HF_NAMES, hf_config, rename_out
 from model.engine import SamplingOptions, generate_tokens
 from model.vlm import VideoLLM
-from trainer import make_optimizer
+from trainer.optim import make_optimizer
 
 SECTIONS = ("lm", "decode", "frames", "cache", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
@@ -185,7 +185,7 @@ def bench_train(shape, batch, seq_len, labelled, rounds, device, workdir, autoca
     ours = our_model(shape, device).train()
     hf = hf_twin(ours, device, workdir / f"hf_{shape}").train()
     if compile_ours:
-        from trainer import compile_blocks
+        from trainer.optim import compile_blocks
         compile_blocks(ours.lm)
     cfg = ours.lm_cfg
     ids, labels = text_batch(cfg, batch, seq_len, labelled, device)

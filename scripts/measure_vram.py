@@ -17,15 +17,14 @@ once, parameters not twice). It leaves out the CUDA context, allocator slack and
 """
 import argparse
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.config import LMConfig, VisionConfig  # noqa: E402
-from model.vlm import VideoLLM  # noqa: E402
-from trainer import make_optimizer  # noqa: E402
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from model.config import LMConfig, VisionConfig
+from model.vlm import VideoLLM
+from trainer.optim import make_optimizer
 
 PRESETS = {"26m": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408),
            "104m": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, intermediate_size=2048)}

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import eval as eval_script
-import trainer
+import trainer.cli
 from conftest import read_log
 from dataset.features import FeatureCache, FeatureWriter
 from dataset.media import MAX_VIDEO_PIXELS, read_video
-from trainer import ShardSampler
+from trainer.sampler import ShardSampler
 
 GOOD_VIDEOS = ["videos/v00000.mp4", "videos/v00001.mp4", "videos/v00002.mp4"]
 
@@ -103,7 +103,7 @@ def run_main(module_main, monkeypatch, capsys, argv):
 
 
 def train(monkeypatch, capsys, *flags):
-    return run_main(lambda: trainer.main(("image", "video"), lr=5e-4, epochs=3, batch_size=32),
+    return run_main(lambda: trainer.cli.main(("image", "video"), lr=5e-4, epochs=3, batch_size=32),
                     monkeypatch, capsys, ["train_sft.py", "--stage=video", *map(str, flags)])
 
 

@@ -85,7 +85,7 @@ def test_pretrain_from_a_minimind_pth_grows_the_vocab_and_keeps_the_lm(tmp_path,
 
 
 def parse(*flags):
-    from trainer import build_parser
+    from trainer.cli import build_parser
     return build_parser("pretrain", 1e-3, 1, 4).parse_args(["--data_path=unused.jsonl", *flags])
 
 
@@ -101,7 +101,7 @@ def llama_folder(tmp_path_factory):
 
 
 def test_from_lm_takes_the_lm_config_from_the_weights_and_the_rest_from_flags(llama_folder):
-    from trainer import resolve_configs
+    from trainer.config import resolve_configs
     lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(parse(f"--from_lm={llama_folder}", "--num_frames=6"))
     assert (lm_cfg.hidden_size, lm_cfg.num_heads, lm_cfg.num_kv_heads, lm_cfg.rope_theta, lm_cfg.vocab_size) == \
         (32, 4, 2, 5e5, 128)
@@ -113,7 +113,8 @@ def test_from_lm_takes_the_lm_config_from_the_weights_and_the_rest_from_flags(ll
     (["--from_weight=x.safetensors"], "pick one"),
 ])
 def test_from_lm_refuses_contradicting_flags(llama_folder, flags, words):
-    from trainer import TrainingError, resolve_configs
+    from trainer.config import resolve_configs
+    from trainer.errors import TrainingError
     with pytest.raises(TrainingError, match=words):
         resolve_configs(parse(f"--from_lm={llama_folder}", *flags))
 

@@ -17,7 +17,9 @@ from dataset.vlm_dataset import ConversationDataset
 from model.chat import ChatEncoder
 from model.checkpoint import read_metadata
 from model.config import VisionConfig, config_from_dict, config_to_dict
-from trainer import TrainingError, build_parser, resolve_configs
+from trainer.cli import build_parser
+from trainer.config import resolve_configs
+from trainer.errors import TrainingError
 
 # ---------------------------------------------------------------- sampling
 

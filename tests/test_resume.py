@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trainer
+import trainer.cli
 from conftest import ROOT, read_log
-from model.checkpoint import atomic_write, load_torch_file, remove_stale_temps
+from model.atomic import atomic_write, remove_stale_temps
+from model.weights_io import load_torch_file
 
 NAME = "sft_video_32"
 STEPS = 30
@@ -110,7 +111,7 @@ def test_runs_killed_at_random_steps_resume_to_bitwise_identical_weights(tmp_pat
 
 WRITER = """
 import sys, time
-from model.checkpoint import atomic_write
+from model.atomic import atomic_write
 
 def write_slowly(tmp):
     with open(tmp, "wb") as f:
@@ -152,7 +153,7 @@ def train_in_process(monkeypatch, capsys, *flags):
     """trainer.main as train_sft.py runs it → (exit status, stderr)."""
     monkeypatch.setattr(sys, "argv", ["train_sft.py", *map(str, flags)])
     try:
-        trainer.main(("image", "video"), lr=5e-4, epochs=3, batch_size=32)
+        trainer.cli.main(("image", "video"), lr=5e-4, epochs=3, batch_size=32)
         code = 0
     except SystemExit as e:
         code = e.code

@@ -1,7 +1,7 @@
 """The training sampler's length grouping: alike batches, every sample once, DDP dealing and resume kept."""
 import random
 
-from trainer import ShardSampler
+from trainer.sampler import ShardSampler
 
 
 def batches(sampler, batch):

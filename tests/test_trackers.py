@@ -31,7 +31,7 @@ def tracker_args(**flags):
 
 @pytest.mark.parametrize("flag", ["wandb", "swanlab"])
 def test_a_missing_tracker_package_is_one_line_and_no_tracker(flag, monkeypatch, capsys):
-    from trainer import open_trackers
+    from trainer.trackers import open_trackers
     monkeypatch.setitem(sys.modules, flag, None)   # import fails as if not installed
     assert open_trackers(tracker_args(**{flag: True}), "run") == []
     err = capsys.readouterr().err.strip().splitlines()
@@ -39,7 +39,7 @@ def test_a_missing_tracker_package_is_one_line_and_no_tracker(flag, monkeypatch,
 
 
 def test_a_tracker_that_cannot_reach_its_server_is_one_line(monkeypatch, capsys):
-    from trainer import open_trackers
+    from trainer.trackers import open_trackers
     offline = types.ModuleType("wandb")
 
     def init(**kwargs):

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import read_log, run_python
-from trainer import PAD, ShardSampler
+from trainer.sampler import PAD, ShardSampler
 
 LOG_KEYS = {"step", "loss", "lr", "tok_s", "skipped"}
 
