@@ -417,8 +417,10 @@ def seconds(value, what: str) -> float:
 def span_numbers(start, end, what: str) -> tuple:
     """(start, end) as seconds, not before 0 and end not before start, or Skip("bad_span")."""
     start, end = seconds(start, what), seconds(end, what)
-    if start < 0 or end < start:
-        raise Skip("bad_span", f"{what}: {start} to {end} is not a span of time")
+    if start < 0:
+        raise Skip("bad_span", f"{what}: starts at {start} s, before the video")
+    if end < start:
+        raise Skip("bad_span", f"{what}: {start} to {end} ends before it starts")
     return start, end
 
 
@@ -503,7 +505,7 @@ def from_nextqa(record, index, opts: Options) -> dict:
             raise Skip("unknown_video_id", f"video {video_id} is not in the mapping file")
         stem = opts.nextqa_mapping[video_id]
     lettered = "\n".join(f"({l}) {o}" for l, o in zip(OPTION_LETTERS, options))
-    question = question if question.endswith("?") else question + "?"   # NExT-QA's questions have none
+    question = question if question.endswith("?") else question + "?"   # the source writes none
     turns = qa_turns(f"{question}\n{lettered}", f"({letter}) {right}")
     category = (record.get("type") or "").strip() or "mc"
     sample = build(f"nextqa_{video_id}_{qid}", turns, [("video", opts.video_file(stem, ".mp4"))], opts,
