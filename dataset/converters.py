@@ -399,9 +399,10 @@ NEXTQA_COLUMNS = ("video", "question", "answer", "qid", "type", "a0", "a1", "a2"
 
 def event_text(sentence) -> str:
     """A source sentence as a clause to put in a question: spaces and final full stops trimmed."""
-    if not isinstance(sentence, str) or not sentence.strip(" .\n"):
+    text = sentence.strip().rstrip(". ").strip() if isinstance(sentence, str) else ""
+    if not text:
         raise Skip("missing_field", "an empty sentence")
-    return sentence.strip().rstrip(". ").strip()
+    return text
 
 
 def seconds(value, what: str) -> float:
