@@ -1,18 +1,24 @@
 """Public video-instruction datasets → records in our jsonl schema: one converter per source format.
 
-Each converter takes one source record and returns one record of ours, or raises Skip naming why.
+Each converter takes one source record and returns one record of ours (a list when one source record
+gives several), or raises Skip naming why. READERS says how a source file that is not a JSON list or
+jsonl (a text file, a csv, a JSON object keyed by video) is read into records.
 Shared steps (roles, markers, media paths, validation) live in build(); validation reuses the
 loader's own checks (model.chat.check_turns, dataset.vlm_dataset.media_pools), so a converted
 record is one ConversationDataset accepts.
 """
+import csv
 import json
+import math
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from dataset.timespan import format_span
 from dataset.vlm_dataset import media_pools, read_jsonl
 from model.chat import MEDIA_MARKER, BadSample, check_turns, marker_kinds
 
@@ -49,6 +55,7 @@ class Options:
     caption_prompt: str = DEFAULT_CAPTION_PROMPT
     keyframe_turn: bool = False        # ShareGPT4Video: add the keyframe captions as a second turn
     msvd_mapping: dict | None = None   # MSVD-QA: "vid1" → YouTube clip name (youtube_mapping.txt)
+    nextqa_mapping: dict | None = None  # NExT-QA: video id → "<folder>/<video id>" (map_vid_vidorID.json)
     id_prefix: str = ""                # ids for records without one: <prefix>_<index> (default: input file stem)
 
     def place(self, path: str) -> str:
@@ -78,26 +85,22 @@ def rebase_media_path(path: str, from_dir, to_dir) -> str:
 
 # ---------------------------------------------------------------- reading sources
 
-def read_source(path):
-    """Yield (where, record or an error string) from a JSON list file or a jsonl file."""
+def read_source(path, fmt=None):
+    """Yield (where, record or an error string) from the source file, read the way `fmt` publishes it
+    (READERS; by default a JSON list file or a jsonl file)."""
     path = str(path)
     if not os.path.isfile(path):
         raise SourceError(f"{path}: no such file")
     try:
-        yield from _read_source(path)
+        yield from READERS.get(fmt, read_json_records)(path)
     except UnicodeDecodeError:
         raise SourceError(f"{path}: not UTF-8 text") from None
 
 
-def _read_source(path):
+def read_json_records(path):
     if not path.endswith(".jsonl"):
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            if e.msg != "Extra data":   # "Extra data": several objects, i.e. jsonl under a .json name
-                raise SourceError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        else:
+        data = load_json(path, allow_jsonl=True)
+        if data is not None:
             if not isinstance(data, list):
                 raise SourceError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
             for i, record in enumerate(data):
@@ -105,6 +108,51 @@ def _read_source(path):
             return
     for n, record in read_jsonl(path):
         yield f"{path}:{n}", record
+
+
+def load_json(path, allow_jsonl=False):
+    """The file's JSON value; with allow_jsonl, None when it holds several objects (jsonl under a .json name)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        if allow_jsonl and e.msg == "Extra data":
+            return None
+        raise SourceError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_json_by_video(path):
+    """A JSON object keyed by video id (ActivityNet Captions) → one record per video, its key as "video_id"."""
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object keyed by video id, found {type(data).__name__}")
+    for i, (video_id, record) in enumerate(data.items()):
+        yield f"{path}[{i}]", {**record, "video_id": video_id} if isinstance(record, dict) else \
+            f"the value for {video_id!r} is not a JSON object"
+
+
+def read_text_lines(path):
+    """One record {"line": text} per non-blank line, for line-based annotation files (Charades-STA)."""
+    with open(path, encoding="utf-8-sig") as f:   # -sig: a byte-order mark is not part of the first id
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{n}", {"line": line.strip()}
+
+
+def read_csv_rows(path, columns):
+    """One record per csv row, keyed by the header; a header lacking any of `columns` is a SourceError."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.DictReader(f)
+        missing = [c for c in columns if c not in (rows.fieldnames or [])]
+        if missing:
+            raise SourceError(f"{path}: the csv header lacks column(s) {', '.join(missing)}")
+        try:
+            for row in rows:
+                yield f"{path}:{rows.line_num}", row
+        except csv.Error as e:
+            raise SourceError(f"{path}:{rows.line_num}: not valid csv ({e})") from None
 
 
 def read_msvd_mapping(path) -> dict:
@@ -121,6 +169,17 @@ def read_msvd_mapping(path) -> dict:
                 mapping[parts[1]] = parts[0]
     except OSError as e:
         raise SourceError(f"{path}: cannot read ({e.strerror})") from None
+    return mapping
+
+
+def read_nextqa_mapping(path) -> dict:
+    """map_vid_vidorID.json ({"<video id>": "<folder>/<video id>"}) → that dict; paths are without extension."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: no such file")
+    mapping = load_json(path)
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v for v in mapping.values()):
+        raise SourceError(f"{path}: expected a JSON object of video id → '<folder>/<video id>'")
     return mapping
 
 
@@ -324,6 +383,137 @@ def from_minimind(record, index, opts: Options) -> dict:
                  category=record.get("category"))
 
 
+# ---------------------------------------------------------------- temporal formats
+
+# Grounding questions; one is picked per record from its id, so a run is repeatable and the model
+# does not tie the task to one wording.
+GROUNDING_QUESTIONS = (
+    "When does this happen: {event}?",
+    "At what time in the video does this happen: {event}?",
+    "Find the moment in the video: {event}. When does it start and end?",
+)
+DENSE_CAPTION_PROMPT = "Describe what happens, with times."
+OPTION_LETTERS = "ABCDE"
+NEXTQA_COLUMNS = ("video", "question", "answer", "qid", "type", "a0", "a1", "a2", "a3", "a4")
+
+
+def event_text(sentence) -> str:
+    """A source sentence as a clause to put in a question: spaces and final full stops trimmed."""
+    text = sentence.strip().rstrip(". ").strip() if isinstance(sentence, str) else ""
+    if not text:
+        raise Skip("missing_field", "an empty sentence")
+    return text
+
+
+def seconds(value, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise Skip("bad_span", f"{what}: {value!r} is not a number of seconds") from None
+    if not math.isfinite(number):
+        raise Skip("bad_span", f"{what}: {value!r} is not a number of seconds")
+    return number
+
+
+def span_numbers(start, end, what: str) -> tuple:
+    """(start, end) as seconds, not before 0 and end not before start, or Skip("bad_span")."""
+    start, end = seconds(start, what), seconds(end, what)
+    if start < 0:
+        raise Skip("bad_span", f"{what}: starts at {start} s, before the video")
+    if end < start:
+        raise Skip("bad_span", f"{what}: {start} to {end} ends before it starts")
+    return start, end
+
+
+def grounding_record(record_id, video, span, event, opts: Options, duration=None) -> dict:
+    """User asks when `event` happens, the assistant answers format_span; "span" keeps the numbers for scoring."""
+    question = GROUNDING_QUESTIONS[zlib.crc32(record_id.encode()) % len(GROUNDING_QUESTIONS)]
+    turns = qa_turns(question.format(event=event), format_span(*span))
+    record = build(record_id, turns, [("video", video)], opts, category="grounding")
+    record["span"] = list(span)
+    if duration is not None:
+        record["duration"] = duration
+    return record
+
+
+def from_charades_sta(record, index, opts: Options) -> dict:
+    """Charades-STA line: "VIDEO_ID START END##sentence" (seconds) → one grounding sample."""
+    line = record["line"]
+    head, sep, sentence = line.partition("##")
+    fields = head.split()
+    if not sep or len(fields) != 3:
+        raise Skip("malformed_line", f"expected 'VIDEO_ID START END##sentence', got {line[:60]!r}")
+    video_id = fields[0]
+    span = span_numbers(fields[1], fields[2], video_id)
+    return grounding_record(f"{video_id}_{index}", opts.video_file(video_id, ".mp4"), span,
+                            event_text(sentence), opts)
+
+
+def activitynet_events(record) -> list:
+    """[(start, end), sentence] per event of an ActivityNet Captions video, spans clipped to [0, duration]."""
+    duration, timestamps, sentences = record.get("duration"), record.get("timestamps"), record.get("sentences")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
+        raise Skip("bad_field", f"duration {duration!r} is not a positive number of seconds")
+    if not isinstance(timestamps, list) or not isinstance(sentences, list) or not timestamps:
+        raise Skip("missing_field", "missing 'timestamps' or 'sentences'")
+    if len(timestamps) != len(sentences):
+        raise Skip("count_mismatch", f"{len(timestamps)} timestamps for {len(sentences)} sentences")
+    events = []
+    for i, (stamp, sentence) in enumerate(zip(timestamps, sentences)):
+        if not isinstance(stamp, list) or len(stamp) != 2:
+            raise Skip("bad_span", f"timestamp {i} is not [start, end]")
+        start, end = seconds(stamp[0], f"timestamp {i}"), seconds(stamp[1], f"timestamp {i}")
+        if end < start:
+            raise Skip("bad_span", f"timestamp {i}: {start} to {end} ends before it starts")
+        # Annotated ends sometimes overrun the video (clipped); an event starting after the end is an error.
+        if start >= duration:
+            raise Skip("bad_span", f"timestamp {i} starts at {start} s, after the video's {duration} s")
+        events.append(((max(0.0, start), min(end, duration)), sentence))
+    return events
+
+
+def from_activitynet_captions(record, index, opts: Options) -> list:
+    """ActivityNet Captions: {"duration", "timestamps": [[start, end]], "sentences"} keyed by video id →
+    one dense-caption sample (every event, in time order), then one grounding sample per event."""
+    video_id = id_field(record, "video_id")
+    events = activitynet_events(record)
+    duration = record["duration"]
+    video = opts.video_file(video_id, ".mp4")
+    samples = [grounding_record(f"{video_id}_{i}", video, span, event_text(sentence), opts, duration)
+               for i, (span, sentence) in enumerate(events)]
+    in_order = sorted(events, key=lambda event: event[0])
+    answer = "\n".join(f"{format_span(*span)}: {sentence.strip()}" for span, sentence in in_order)
+    dense = build(f"{video_id}_dense", qa_turns(DENSE_CAPTION_PROMPT, answer), [("video", video)], opts,
+                  category="dense_caption")
+    dense["spans"] = [list(span) for span, _ in in_order]
+    dense["duration"] = duration
+    return [dense] + samples
+
+
+def from_nextqa(record, index, opts: Options) -> dict:
+    """NExT-QA csv row: video, question, a0..a4, answer (index of the right option), qid, type →
+    a multiple-choice sample answered "(B) <option>"; "references" also accepts the letter or the text alone."""
+    video_id, qid = id_field(record, "video"), id_field(record, "qid")
+    question = text_field(record, "question").strip()
+    options = [text_field(record, f"a{i}").strip() for i in range(len(OPTION_LETTERS))]
+    answer = (record.get("answer") or "").strip()
+    if answer not in {str(i) for i in range(len(OPTION_LETTERS))}:
+        raise Skip("bad_field", f"answer {answer!r} is not an option index 0-{len(OPTION_LETTERS) - 1}")
+    letter, right = OPTION_LETTERS[int(answer)], options[int(answer)]
+    stem = video_id
+    if opts.nextqa_mapping is not None:
+        if video_id not in opts.nextqa_mapping:
+            raise Skip("unknown_video_id", f"video {video_id} is not in the mapping file")
+        stem = opts.nextqa_mapping[video_id]
+    lettered = "\n".join(f"({l}) {o}" for l, o in zip(OPTION_LETTERS, options))
+    question = question if question.endswith("?") else question + "?"   # the source writes none
+    turns = qa_turns(f"{question}\n{lettered}", f"({letter}) {right}")
+    category = (record.get("type") or "").strip() or "mc"
+    sample = build(f"nextqa_{video_id}_{qid}", turns, [("video", opts.video_file(stem, ".mp4"))], opts,
+                   category=category)
+    sample["references"] = [letter, right]
+    return sample
+
 FORMATS = {
     "llava-video": from_llava_video,
     "sharegpt4video": from_sharegpt4video,
@@ -332,16 +522,26 @@ FORMATS = {
     "msvd-qa": from_msvd_qa,
     "minimind-v": from_minimind,
     "cinego": from_minimind,
+    "charades-sta": from_charades_sta,
+    "activitynet-captions": from_activitynet_captions,
+    "nextqa": from_nextqa,
+}
+# Sources that are not a JSON list or jsonl of records; the rest are read by read_json_records.
+READERS = {
+    "charades-sta": read_text_lines,
+    "activitynet-captions": read_json_by_video,
+    "nextqa": lambda path: read_csv_rows(path, NEXTQA_COLUMNS),
 }
 
 
 def convert_records(fmt: str, source_path, opts: Options, counts: Counter, on_skip=None):
     """Yield our records for every convertible source record; count read/written/skip reasons.
+    A converter returns one record, or a list when one source record gives several (ActivityNet).
 
     on_skip(where, record_id, Skip) is called for each skipped record (it may raise to stop)."""
     convert = FORMATS[fmt]
     opts = replace(opts, id_prefix=opts.id_prefix or Path(source_path).stem)
-    for index, (where, record) in enumerate(read_source(source_path)):
+    for index, (where, record) in enumerate(read_source(source_path, fmt)):
         counts["read"] += 1
         try:
             if isinstance(record, str):
@@ -353,5 +553,6 @@ def convert_records(fmt: str, source_path, opts: Options, counts: Counter, on_sk
                 record_id = record.get("id", record.get("video_id")) if isinstance(record, dict) else None
                 on_skip(where, record_id, e)
             continue
-        counts["written"] += 1
-        yield out
+        out = out if isinstance(out, list) else [out]
+        counts["written"] += len(out)
+        yield from out

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.converters import (DEFAULT_CAPTION_PROMPT, FORMATS, Options, SourceError,
-                                convert_records, read_msvd_mapping)
+                                convert_records, read_msvd_mapping, read_nextqa_mapping)
 
-ID_ONLY_FORMATS = ("sharegpt4video", "videoinstruct", "msrvtt-qa", "msvd-qa")
+ID_ONLY_FORMATS = ("sharegpt4video", "videoinstruct", "msrvtt-qa", "msvd-qa", "charades-sta",
+                   "activitynet-captions", "nextqa")
 
 
 class ConvertError(Exception):
@@ -20,7 +21,9 @@ class ConvertError(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
-    p.add_argument("--input", required=True, help="the source annotation file (.json list or .jsonl)")
+    p.add_argument("--input", required=True,
+                   help="the source annotation file: a .json list or .jsonl; charades-sta: its .txt, "
+                        "activitynet-captions: its .json object, nextqa: its .csv")
     p.add_argument("--out", required=True, help="output jsonl")
     p.add_argument("--media_root", default=None,
                    help="folder the source's media paths or ids are relative to; paths are then written "
@@ -30,6 +33,8 @@ def parse_args(argv=None):
                    help="file extension for formats that name videos by id only (default: .mp4, .avi for "
                         "msvd-qa); 'auto' picks whichever of .mp4/.mkv/.webm/.avi/.mov exists under --media_root")
     p.add_argument("--mapping", default=None, help="msvd-qa: youtube_mapping.txt (vidN → YouTube clip name)")
+    p.add_argument("--video_map", default=None,
+                   help="nextqa: map_vid_vidorID.json (video id → <folder>/<video id>, under --media_root)")
     p.add_argument("--category", default=None, help="category written into every record (overrides the default)")
     p.add_argument("--category_from_question", action="store_true",
                    help="msrvtt-qa/msvd-qa: category = the question word (what, who, how, when, where)")
@@ -45,6 +50,8 @@ def parse_args(argv=None):
         p.error(f"--video_ext applies to {', '.join(ID_ONLY_FORMATS)}; {args.format} names its files itself")
     if args.mapping is not None and args.format != "msvd-qa":
         p.error("--mapping applies to msvd-qa only")
+    if args.video_map is not None and args.format != "nextqa":
+        p.error("--video_map applies to nextqa only")
     return args
 
 
@@ -55,7 +62,8 @@ def run(args) -> Counter:
     opts = Options(out_dir=str(out.parent), media_root=args.media_root, video_ext=args.video_ext,
                    category=args.category, category_from_question=args.category_from_question,
                    caption_prompt=args.caption_prompt, keyframe_turn=args.keyframe_turn,
-                   msvd_mapping=read_msvd_mapping(args.mapping) if args.mapping else None)
+                   msvd_mapping=read_msvd_mapping(args.mapping) if args.mapping else None,
+                   nextqa_mapping=read_nextqa_mapping(args.video_map) if args.video_map else None)
     counts = Counter()
     warned = 0
 

@@ -9,12 +9,14 @@ import torch
 
 import convert_data
 from conftest import run_python
-from dataset.converters import Options, Skip, convert_records, from_minimind, read_msvd_mapping
+from dataset.converters import (Options, Skip, SourceError, convert_records, from_minimind, read_msvd_mapping,
+                                read_nextqa_mapping)
 from dataset.vlm_dataset import ConversationDataset
 from model.chat import IGNORE, ChatEncoder
 
 # One fixture per source format, following each project's published field names: two good records
 # and one bad one. (ShareGPT4Video's timestamp/keyframe values are illustrative; nothing reads them.)
+# A fixture given as a string is the file's text (Charades-STA lines, NExT-QA csv), a dict a JSON object.
 FIXTURES = {
     "llava-video": ("0_30_s_academic_oe_v0_1_qa_processed.json", [
         {"id": "RW587", "conversations": [
@@ -85,8 +87,30 @@ FIXTURES = {
                            {"role": "assistant", "content": "A cat."}],
          "image": "clips/cat.gif"},
     ]),
+    "charades-sta": ("charades_sta_test.txt",
+                     "3MSZA 24.3 30.4##person turn a light on.\n"
+                     "AO8RW 0.0 6.9##a person is putting a book on a shelf.\n"
+                     "Y6R7T 12.5 8.0##person sitting down on a chair.\n"),
+    "activitynet-captions": ("val_1.json", {
+        "v_k_ZXmr8pmrs": {"duration": 82.73, "timestamps": [[0.28, 55.15], [13.79, 54.32], [50.1, 90.0]],
+                          "sentences": ["A man stands at a window holding a squeegee.",
+                                        " He wipes the glass from top to bottom.",
+                                        " He steps back and looks at the clean window."]},
+        "v_3qkNnr1_78I": {"duration": 30.0, "timestamps": [[2.0, 12.5]],
+                          "sentences": ["Two people hit a small ball across a table."]},
+        "v_mTDRTiTnsjQ": {"duration": 40.0, "timestamps": [[1.0, 5.0], [6.0, 9.0]],
+                          "sentences": ["A dog runs across a yard."]},
+    }),
+    "nextqa": ("val.csv",
+               "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n"
+               "2440175990,1203,640,480,why did the boy run to the door,1,0,CW,"
+               "to hide,to get the ball,to open it,to meet his dad,to leave\n"
+               "3238737531,900,640,360,what does the girl do after picking up the ball,3,4,TN,"
+               "sits down,cries,kicks it,throws it to the dog,rolls it away\n"
+               "3238737531,900,640,360,how many dogs are there,7,5,DC,one,two,three,four,five\n"),
 }
 MSVD_MAPPING = "-4wsuPCjDBc_5_15 vid1\n-7KMZQEsJW4_205_208 vid2\n"
+NEXTQA_MAPPING = {"2440175990": "0000/2440175990", "3238737531": "1006/3238737531"}
 
 # What the two good records of each fixture become: (id, media kind, source path, user texts, answers, category).
 EXPECTED = {
@@ -123,16 +147,43 @@ EXPECTED = {
          ["The person is stirring a pot."], None),
         ("sft_video_1", "video", "academic_source/Charades/0AYPZ.mp4", ["<video>\nWhere is this?", "Is anyone else there?"],
          ["In a kitchen.", "No."], None)],
+    "charades-sta": [
+        ("3MSZA_0", "video", "3MSZA.mp4", ["<video>\nWhen does this happen: person turn a light on?"],
+         ["from 24.3 s to 30.4 s"], "grounding"),
+        ("AO8RW_1", "video", "AO8RW.mp4",
+         ["<video>\nFind the moment in the video: a person is putting a book on a shelf. When does it start and end?"],
+         ["from 0.0 s to 6.9 s"], "grounding")],
+    "activitynet-captions": [
+        ("v_k_ZXmr8pmrs_dense", "video", "v_k_ZXmr8pmrs.mp4", ["<video>\nDescribe what happens, with times."],
+         ["from 0.3 s to 55.1 s: A man stands at a window holding a squeegee.\n"
+          "from 13.8 s to 54.3 s: He wipes the glass from top to bottom.\n"
+          "from 50.1 s to 82.7 s: He steps back and looks at the clean window."], "dense_caption"),
+        ("v_k_ZXmr8pmrs_0", "video", "v_k_ZXmr8pmrs.mp4",
+         ["<video>\nFind the moment in the video: A man stands at a window holding a squeegee. "
+          "When does it start and end?"], ["from 0.3 s to 55.1 s"], "grounding")],
+    "nextqa": [
+        ("nextqa_2440175990_0", "video", "0000/2440175990.mp4",
+         ["<video>\nwhy did the boy run to the door?\n(A) to hide\n(B) to get the ball\n(C) to open it\n"
+          "(D) to meet his dad\n(E) to leave"], ["(B) to get the ball"], "CW"),
+        ("nextqa_3238737531_4", "video", "1006/3238737531.mp4",
+         ["<video>\nwhat does the girl do after picking up the ball?\n(A) sits down\n(B) cries\n(C) kicks it\n"
+          "(D) throws it to the dog\n(E) rolls it away"], ["(D) throws it to the dog"], "TN")],
 }
 BAD_REASON = {"llava-video": "missing_field", "sharegpt4video": "no_caption", "videoinstruct": "missing_field",
               "msrvtt-qa": "missing_field", "msvd-qa": "bad_field", "minimind-v": "marker_count",
-              "cinego": "unknown_media_type"}
+              "cinego": "unknown_media_type", "charades-sta": "bad_span",
+              "activitynet-captions": "count_mismatch", "nextqa": "bad_field"}
+# Records written from the two good source records: one each, but a dense caption plus one grounding
+# sample per event for an ActivityNet video (3 events and 1 event).
+WRITTEN = {"activitynet-captions": 6}
 
 
 def write_fixture(folder: Path, fmt: str) -> Path:
     name, records = FIXTURES[fmt]
     path = folder / name
-    if name.endswith(".jsonl"):
+    if isinstance(records, str):
+        path.write_text(records, encoding="utf-8")
+    elif name.endswith(".jsonl"):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     else:
         path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -144,6 +195,9 @@ def convert(tmp_path, fmt, **options):
     if fmt == "msvd-qa":
         (tmp_path / "youtube_mapping.txt").write_text(MSVD_MAPPING)
         options.setdefault("msvd_mapping", read_msvd_mapping(tmp_path / "youtube_mapping.txt"))
+    if fmt == "nextqa":
+        (tmp_path / "map_vid_vidorID.json").write_text(json.dumps(NEXTQA_MAPPING))
+        options.setdefault("nextqa_mapping", read_nextqa_mapping(tmp_path / "map_vid_vidorID.json"))
     opts = Options(out_dir=str(tmp_path / "out"), media_root=str(tmp_path / "media"), **options)
     counts = Counter()
     return list(convert_records(fmt, source, opts, counts)), counts
@@ -158,7 +212,7 @@ def user_and_answers(record):
 @pytest.mark.parametrize("fmt", sorted(FIXTURES))
 def test_converts_good_records_and_skips_the_bad_one(tmp_path, fmt):
     records, counts = convert(tmp_path, fmt)
-    assert counts == Counter(read=3, written=2, **{BAD_REASON[fmt]: 1})
+    assert counts == Counter(read=3, written=WRITTEN.get(fmt, 2), **{BAD_REASON[fmt]: 1})
     for record, (rid, kind, source, users, answers, category) in zip(records, EXPECTED[fmt]):
         assert record["id"] == rid
         assert user_and_answers(record) == (users, answers)
@@ -297,3 +351,91 @@ def test_cli_unreadable_input_is_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as stop:
         convert_data.main(["--format", "msrvtt-qa", "--input", str(bad), "--out", str(tmp_path / "o.jsonl")])
     assert stop.value.code.startswith(f"error: {bad}: not valid JSON")
+
+
+def test_temporal_records_keep_the_span_as_numbers(tmp_path):
+    charades, _ = convert(tmp_path, "charades-sta")
+    assert [r["span"] for r in charades] == [[24.3, 30.4], [0.0, 6.9]]
+    assert "duration" not in charades[0]   # Charades-STA's lines carry no video length
+    activitynet, _ = convert(tmp_path, "activitynet-captions")
+    dense, *grounding = activitynet[:4]
+    # The third event's end (90.0) overruns the 82.73 s video and is clipped to it, in text and numbers.
+    assert dense["spans"] == [[0.28, 55.15], [13.79, 54.32], [50.1, 82.73]]
+    assert [r["span"] for r in grounding] == dense["spans"]
+    assert user_and_answers(grounding[2])[1] == ["from 50.1 s to 82.7 s"]
+    assert {r["duration"] for r in activitynet[:4]} == {82.73} and activitynet[4]["duration"] == 30.0
+
+
+def test_charades_sta_malformed_lines_are_skipped_with_their_reason(tmp_path):
+    source = tmp_path / "charades_sta_train.txt"
+    source.write_text("3MSZA 24.3 30.4##person turn a light on.\n\n"
+                      "3MSZA 24.3 30.4 person turn a light on.\n"     # no ##
+                      "3MSZA soon 30.4##person opens a door.\n"       # not a number
+                      "3MSZA 1.0 2.0 3.0##person sits.\n"             # too many fields
+                      "3MSZA nan 2.0##person sits.\n"
+                      "3MSZA 1.0 2.0##  .\n", encoding="utf-8")
+    skipped = []
+    records = list(convert_records("charades-sta", source, Options(), counts := Counter(),
+                                   lambda where, _, skip: skipped.append((where, skip.reason))))
+    assert len(records) == 1 and records[0]["video"] == "3MSZA.mp4"
+    assert counts == Counter(read=6, written=1, malformed_line=2, bad_span=2, missing_field=1)
+    assert skipped[0] == (f"{source}:3", "malformed_line")   # the blank line is no record
+
+
+def test_activitynet_bad_events_skip_the_video_naming_the_event(tmp_path):
+    source = tmp_path / "train.json"
+    good = {"timestamps": [[1.0, 5.0]], "sentences": ["A cat jumps."]}
+    source.write_text(json.dumps({
+        "v_a": {**good, "duration": 10.0, "timestamps": [[5.0, 1.0]]},
+        "v_b": {**good, "duration": 10.0, "timestamps": [[12.0, 15.0]]},
+        "v_c": {**good, "duration": "long"},
+        "v_d": {**good, "duration": 10.0, "sentences": ["  "]},
+        "v_e": [1, 2],
+        "v_f": {**good, "duration": 10.0, "timestamps": [[-0.4, 5.0]]}}))
+    messages = {}
+    records = list(convert_records("activitynet-captions", source, Options(), counts := Counter(),
+                                   lambda where, rid, skip: messages.update({rid: str(skip)})))
+    assert counts == Counter(read=6, written=2, bad_span=2, bad_field=1, missing_field=1, malformed_json=1)
+    assert messages["v_a"] == "timestamp 0: 5.0 to 1.0 ends before it starts"
+    assert messages["v_b"] == "timestamp 0 starts at 12.0 s, after the video's 10.0 s"
+    assert records[1]["span"] == [0.0, 5.0]   # clipped at the start as well
+    with pytest.raises(SourceError, match="expected a JSON object keyed by video id"):
+        source.write_text("[]")
+        list(convert_records("activitynet-captions", source, Options(), Counter()))
+
+
+def test_nextqa_references_mapping_and_missing_columns(tmp_path, tokenizer):
+    records, _ = convert(tmp_path, "nextqa")
+    out = tmp_path / "out" / "nextqa.jsonl"
+    out.parent.mkdir()
+    out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    data = ConversationDataset(out, ChatEncoder(tokenizer, 2), num_frames=4, max_len=512, for_generation=True,
+                               cache={r["video"]: torch.zeros(4, 8) for r in records})
+    assert data[0]["references"] == ["(B) to get the ball", "B", "to get the ball"]
+    records, counts = convert(tmp_path, "nextqa", nextqa_mapping={"2440175990": "0000/2440175990"})
+    assert counts["unknown_video_id"] == 1 and len(records) == 1
+    records, _ = convert(tmp_path, "nextqa", nextqa_mapping=None)
+    assert [Path(r["video"]).name for r in records] == ["2440175990.mp4", "3238737531.mp4"]
+    headless = tmp_path / "train.csv"
+    headless.write_text("video,question,answer\n1,why,0\n")
+    with pytest.raises(SourceError, match="lacks column.s. qid, type, a0, a1, a2, a3, a4"):
+        list(convert_records("nextqa", headless, Options(), Counter()))
+
+
+def test_cli_nextqa_video_map(tmp_path):
+    source = write_fixture(tmp_path, "nextqa")
+    (tmp_path / "map.json").write_text(json.dumps(NEXTQA_MAPPING))
+    (tmp_path / "media").mkdir()
+    out = tmp_path / "converted" / "nextqa.jsonl"
+    convert_data.main(["--format", "nextqa", "--input", str(source), "--video_map", str(tmp_path / "map.json"),
+                       "--media_root", str(tmp_path / "media"), "--out", str(out)])
+    assert [json.loads(line)["video"] for line in out.read_text().splitlines()] == \
+           ["../media/0000/2440175990.mp4", "../media/1006/3238737531.mp4"]
+    (tmp_path / "map.json").write_text('["0000/2440175990"]')
+    with pytest.raises(SystemExit) as stop:
+        convert_data.main(["--format", "nextqa", "--input", str(source), "--video_map", str(tmp_path / "map.json"),
+                           "--out", str(out)])
+    assert stop.value.code == \
+           f"error: {tmp_path / 'map.json'}: expected a JSON object of video id → '<folder>/<video id>'"
+    with pytest.raises(SystemExit):
+        convert_data.parse_args(["--format", "msvd-qa", "--input", "x", "--out", "y", "--video_map", "m.json"])
