@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.media import MediaError, read_media
+from dataset.metrics import PHRASINGS
 from model.chat import IGNORE, BadSample
 
 
@@ -162,17 +163,23 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def shown(value, limit=40) -> str:
+    """A field's value for an error line, cut short so the line stays readable."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def timing_fields(record) -> dict:
     """The record's optional "span" [start, end] and "duration" (seconds) and "phrasing" ("seen" / "held_out"),
     None where absent; BadSample when one is malformed, so a bad field never reaches the scores."""
     span, duration, phrasing = record.get("span"), record.get("duration"), record.get("phrasing")
     if span is not None and not (isinstance(span, list) and len(span) == 2 and all(map(is_number, span))
                                  and span[0] <= span[1]):
-        raise BadSample(f'"span" must be [start, end] in seconds with end >= start, not {json.dumps(span)}')
+        raise BadSample(f'"span" must be [start, end] in seconds with end >= start, not {shown(span)}')
     if duration is not None and not (is_number(duration) and duration >= 0):
-        raise BadSample(f'"duration" must be a number of seconds >= 0, not {json.dumps(duration)}')
-    if phrasing is not None and phrasing not in ("seen", "held_out"):
-        raise BadSample(f'"phrasing" must be "seen" or "held_out", not {json.dumps(phrasing)}')
+        raise BadSample(f'"duration" must be a number of seconds >= 0, not {shown(duration)}')
+    if phrasing is not None and phrasing not in PHRASINGS:
+        raise BadSample(f'"phrasing" must be one of {", ".join(PHRASINGS)}, not {shown(phrasing)}')
     return {"span": None if span is None else [float(x) for x in span],
             "duration": None if duration is None else float(duration), "phrasing": phrasing}
 
