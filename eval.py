@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dataset.metrics import CAPTION_CATEGORIES, summarise
+from dataset.metrics import CAPTION_CATEGORIES, GROUNDING_CATEGORIES, summarise
 from model.engine import INPUT_ERRORS, Engine, SamplingOptions
 
 
@@ -32,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--metrics_out", default=None, help="batch mode: metrics json")
     p.add_argument("--caption_categories", nargs="+", default=list(CAPTION_CATEGORIES),
                    help="batch mode: categories also scored with BLEU-4 / ROUGE-L / CIDEr (needs pycocoevalcap)")
+    p.add_argument("--grounding_categories", nargs="+", default=list(GROUNDING_CATEGORIES),
+                   help="batch mode: categories whose reference is a span of time (\"from 3.5 s to 5.0 s\"), "
+                        "scored by temporal IoU when a record carries no \"span\"")
     p.add_argument("--strict", action="store_true",
                    help="batch mode: stop at the first unusable sample (exit 1) instead of skipping and counting it")
     p.add_argument("--batch_size", type=int, default=32)
@@ -55,12 +58,13 @@ def score(engine, args, options):
     """Batch mode: answer every line, score against its references, write preds + metrics.
 
     Every answer is exact-matched (normalised) against its references: the last assistant turn plus
-    the record's optional "references" list; caption categories also get BLEU-4 / ROUGE-L / CIDEr.
+    the record's optional "references" list; caption categories also get BLEU-4 / ROUGE-L / CIDEr,
+    grounding questions temporal IoU (mIoU, R@k).
     """
     preds, skipped, start = [], 0, time.perf_counter()
     for answered in engine.answer_dataset(args.data_path, options, batch_size=args.batch_size,
                                           media_root=args.media_root, feature_dir=args.feature_dir,
-                                          strict=args.strict):
+                                          strict=args.strict, grounding_categories=args.grounding_categories):
         preds += answered.predictions
         skipped += answered.skipped
     metrics = summarise(preds, skipped, time.perf_counter() - start, args.caption_categories)
@@ -71,8 +75,16 @@ def score(engine, args, options):
     if args.metrics_out:
         Path(args.metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.metrics_out).write_text(json.dumps(metrics, indent=1))
-    print(json.dumps({k: metrics[k] for k in ("accuracy", "n", "skipped", "by_category", "caption_metrics")}))
+    print(json.dumps(one_line_summary(metrics)))
     return metrics
+
+
+def one_line_summary(metrics) -> dict:
+    """The headline keys, plus the time-related groups when the data had any."""
+    summary = {k: metrics[k] for k in ("accuracy", "n", "skipped", "by_category", "caption_metrics")}
+    summary.update({k: metrics[k] for k in ("grounding", "by_duration", "grounding_by_duration", "by_phrasing")
+                    if metrics.get(k)})
+    return summary
 
 
 def chat(engine, args, options):

@@ -1,5 +1,6 @@
 """jsonl conversations → token ids, assistant-only labels and per-media clip inputs or cached features."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.media import MediaError, read_media
+from dataset.metrics import PHRASINGS
 from model.chat import IGNORE, BadSample
 
 
@@ -52,7 +54,8 @@ class ConversationDataset(Dataset):
     Training items carry the whole conversation with labels; with for_generation=True the last
     assistant turn becomes the reference and the ids end with the assistant prompt, and
     "references" lists it together with the record's optional "references" (more acceptable
-    answers or captions, e.g. several human captions of one video; ignored in training).
+    answers or captions, e.g. several human captions of one video; ignored in training), and the
+    optional "span", "duration" and "phrasing" are checked and carried (None where absent) for scoring.
     An unusable sample comes back as {"error": one line naming the file}; with strict=True it raises.
     """
 
@@ -122,6 +125,7 @@ class ConversationDataset(Dataset):
         if reference is not None:
             item["reference"] = reference
             item["references"] = [reference] + [r for r in extra_references(record) if r != reference]
+            item.update(timing_fields(record))
         return item
 
     def _media(self, record, kinds):
@@ -155,6 +159,31 @@ def extra_references(record) -> list:
     return list(dict.fromkeys(extra))   # drop repeats, keep order
 
 
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def shown(value, limit=40) -> str:
+    """A field's value for an error line, cut short so the line stays readable."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def timing_fields(record) -> dict:
+    """The record's optional "span" [start, end] and "duration" (seconds) and "phrasing" ("seen" / "held_out"),
+    None where absent; BadSample when one is malformed, so a bad field never reaches the scores."""
+    span, duration, phrasing = record.get("span"), record.get("duration"), record.get("phrasing")
+    if span is not None and not (isinstance(span, list) and len(span) == 2 and all(map(is_number, span))
+                                 and span[0] <= span[1]):
+        raise BadSample(f'"span" must be [start, end] in seconds with end >= start, not {shown(span)}')
+    if duration is not None and not (is_number(duration) and duration >= 0):
+        raise BadSample(f'"duration" must be a number of seconds >= 0, not {shown(duration)}')
+    if phrasing is not None and phrasing not in PHRASINGS:
+        raise BadSample(f'"phrasing" must be one of {", ".join(PHRASINGS)}, not {shown(phrasing)}')
+    return {"span": None if span is None else [float(x) for x in span],
+            "duration": None if duration is None else float(duration), "phrasing": phrasing}
+
+
 def warn(message):
     print(f"warning: skipped {message}", file=sys.stderr, flush=True)
 
@@ -183,7 +212,7 @@ def collate(items, pad_id: int, left_pad=False, warn_skipped=True):
         ids[row, cols], labels[row, cols], mask[row, cols] = it["input_ids"], it["labels"], True
     batch.update(input_ids=ids, labels=labels, attention_mask=mask,
                  media=[m for it in good for m in it["media"]])
-    for key in ("id", "category", "subset", "reference", "references"):
+    for key in ("id", "category", "subset", "reference", "references", "span", "duration", "phrasing"):
         if key in good[0]:
             batch[key] = [it.get(key) for it in good]
     return batch

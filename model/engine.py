@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from dataset.features import open_cache
 from dataset.media import MediaError, read_media as read_pixels, sampling_rate
-from dataset.metrics import exact_match
+from dataset.metrics import GROUNDING_CATEGORIES, exact_match, grounding_score
 from dataset.vlm_dataset import ConversationDataset, collate, features_and_mask
 from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
@@ -242,13 +242,15 @@ class Engine:
     # ------------------------------------------------------------ data files
 
     def answer_dataset(self, data_path, options=SamplingOptions(), batch_size=32, media_root=None,
-                       feature_dir=None, strict=False):
+                       feature_dir=None, strict=False, grounding_categories=GROUNDING_CATEGORIES):
         """Answer every record of a jsonl (its last assistant turn is the reference) in left-padded
         batches, in file order: yields an AnsweredBatch per batch. Unusable records are skipped with a
         warning and counted; with strict, the first one raises EngineError instead.
 
         A prediction: id, category, subset, prediction, reference, references (the last assistant
-        turn plus the record's optional "references") and correct (normalised exact match).
+        turn plus the record's optional "references") and correct (normalised exact match); plus the
+        record's duration and phrasing when it has them, and for a grounding question (a record "span",
+        or a category in grounding_categories) the true span and the answer's temporal iou.
         """
         loader, encoder = self._data_loader(data_path, batch_size, media_root, feature_dir, strict)
         for batch in loader:
@@ -259,7 +261,8 @@ class Engine:
                 continue
             features, frame_mask = features_and_mask(batch["media"], encoder, self.device)
             answers = self.generate_batch(batch, features, frame_mask, options)
-            yield AnsweredBatch([prediction(batch, i, a) for i, a in enumerate(answers)], batch["skipped"])
+            yield AnsweredBatch([prediction(batch, i, a, grounding_categories) for i, a in enumerate(answers)],
+                                batch["skipped"])
 
     def _data_loader(self, data_path, batch_size, media_root, feature_dir, strict):
         """(DataLoader of left-padded batches, the encoder when some media is not in the feature cache)."""
@@ -289,8 +292,20 @@ def push(stream, shown: str, text: str) -> str:
     return shown
 
 
-def prediction(batch, i: int, answer: str) -> dict:
+def prediction(batch, i: int, answer: str, grounding_categories=GROUNDING_CATEGORIES) -> dict:
     refs = batch["references"][i]
-    return {"id": batch["id"][i], "category": batch["category"][i], "subset": batch["subset"][i],
-            "prediction": answer, "reference": batch["reference"][i], "references": refs,
-            "correct": exact_match(answer, refs)}
+    row = {"id": batch["id"][i], "category": batch["category"][i], "subset": batch["subset"][i],
+           "prediction": answer, "reference": batch["reference"][i], "references": refs,
+           "correct": exact_match(answer, refs)}
+    # Exact match above still decides "correct"; the span adds its own score beside it.
+    row.update(grounding_score(answer, row["reference"], row["category"], record_field(batch, "span", i),
+                               grounding_categories))
+    for key in ("duration", "phrasing"):
+        if record_field(batch, key, i) is not None:
+            row[key] = record_field(batch, key, i)
+    return row
+
+
+def record_field(batch, key: str, i: int):
+    """The batch's optional per-record field, None where the record (or an older batch) lacks it."""
+    return batch[key][i] if key in batch else None

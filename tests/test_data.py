@@ -229,3 +229,38 @@ def test_references_that_are_not_strings_make_a_bad_sample(tmp_path, chat, synth
     error = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)[0]["error"]
     assert error.startswith(f"{path}:1: ") and '"references"' in error
     assert "error" not in make_dataset(path, chat, synthetic, frame_encoder)[0]   # training ignores them
+
+
+def test_for_generation_carries_span_duration_and_phrasing_into_the_batch(tmp_path, chat, synthetic, frame_encoder):
+    timed = {**record(), "span": [1, 2.5], "duration": 12, "phrasing": "held_out"}
+    path = write_jsonl(tmp_path / "data.jsonl", [timed, record()])
+    data = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)
+    assert (data[0]["span"], data[0]["duration"], data[0]["phrasing"]) == ([1.0, 2.5], 12.0, "held_out")
+    assert (data[1]["span"], data[1]["duration"], data[1]["phrasing"]) == (None, None, None)
+    batch = collate([data[0], data[1]], pad_id=chat.pad_id, left_pad=True)
+    assert batch["span"] == [[1.0, 2.5], None] and batch["duration"] == [12.0, None]
+    assert batch["phrasing"] == ["held_out", None]
+
+
+BAD_TIMING = {
+    "span not a pair": ({"span": [1.0]}, '"span"'),
+    "span ends first": ({"span": [3.0, 1.0]}, '"span"'),
+    "span of words": ({"span": ["1 s", "2 s"]}, '"span"'),
+    "span of booleans": ({"span": [False, True]}, '"span"'),
+    "duration a word": ({"duration": "long"}, '"duration"'),
+    "negative duration": ({"duration": -1}, '"duration"'),
+    "unknown phrasing": ({"phrasing": "novel"}, '"phrasing"'),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TIMING)
+def test_a_malformed_span_duration_or_phrasing_makes_a_bad_sample(tmp_path, chat, synthetic, frame_encoder, case):
+    fields, detail = BAD_TIMING[case]
+    path = write_jsonl(tmp_path / "data.jsonl", [record(), {**record(), **fields}])
+    data = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)
+    error = data[1]["error"]
+    assert "error" not in data[0]
+    assert error.startswith(f"{path}:2: ") and detail in error and "\n" not in error
+    with pytest.raises(BadSample, match=f"{path}:2: "):
+        make_dataset(path, chat, synthetic, frame_encoder, for_generation=True, strict=True)[1]
+    assert "error" not in make_dataset(path, chat, synthetic, frame_encoder)[1]   # training ignores them

@@ -135,3 +135,70 @@ def test_without_pycocoevalcap_eval_still_scores_and_says_so_in_one_line(monkeyp
     assert metrics["caption_metrics"] is None and metrics["accuracy"] == 0.6 and metrics["n"] == 5
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "pip install pycocoevalcap" in lines[0]
+
+
+# ---------------------------------------------------------------- time: grounding, duration, phrasing
+
+def timed_records(synthetic):
+    """Test records given the time fields: two grounding questions (one by category, one by "span"),
+    durations in three buckets, both phrasings, and two malformed records that must be skipped."""
+    from dataset.timespan import format_span
+
+    def asking(record, question, answer, **fields):
+        turns = [{"role": "user", "content": f"<video>\n{question}"}, {"role": "assistant", "content": answer}]
+        return {**record, "conversations": turns, **fields}
+    base = [json.loads(line) for line in (synthetic / "test.jsonl").read_text().splitlines()]
+    return [
+        asking({**base[0], "category": "grounding"}, "When does the ring move?", format_span(1.0, 3.0),
+               duration=8, phrasing="seen"),
+        asking({**base[1], "category": "when"}, "When does it stop?", format_span(0.5, 2.0), span=[0.5, 2.0],
+               duration=45.0, phrasing="held_out"),
+        {**base[2], "duration": 150, "phrasing": "seen"},
+        base[3],
+        {**base[4], "span": [3.0, 1.0]},
+        {**base[5], "phrasing": "sometimes"},
+    ]
+
+
+@pytest.fixture(scope="module")
+def timed_run(video_checkpoint, synthetic, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_timed")
+    data = out / "timed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in timed_records(synthetic)))
+
+    def run(*flags):
+        result = eval_py(f"--weight={video_checkpoint}", f"--data_path={data}", f"--media_root={synthetic}",
+                         f"--out={out / 'preds.jsonl'}", f"--metrics_out={out / 'metrics.json'}",
+                         "--max_new_tokens=8", *flags)
+        assert result.returncode == 0, result.stderr
+        preds = [json.loads(line) for line in (out / "preds.jsonl").read_text().splitlines()]
+        return preds, json.loads((out / "metrics.json").read_text()), result
+    return run
+
+
+def test_batch_mode_scores_grounding_duration_and_phrasing(timed_run):
+    preds, metrics, result = timed_run()
+    assert metrics["n"] == 4 and metrics["skipped"] == 2
+    assert result.stderr.count("warning: skipped") == 2 and '"span"' in result.stderr and '"phrasing"' in result.stderr
+    grounding = metrics["grounding"]
+    assert set(grounding) == {"miou", "r@0.3", "r@0.5", "r@0.7", "n", "unparsed"}
+    assert grounding["n"] == 2 and 0 <= grounding["unparsed"] <= 2
+    assert all(0 <= grounding[k] <= 1 for k in ("miou", "r@0.3", "r@0.5", "r@0.7"))
+    assert grounding["r@0.3"] >= grounding["r@0.5"] >= grounding["r@0.7"]
+    assert list(metrics["by_duration"]) == ["0-10s", "30-60s", "120s+"]
+    assert list(metrics["grounding_by_duration"]) == ["0-10s", "30-60s"]
+    assert set(metrics["by_phrasing"]) == {"phrasing_seen", "phrasing_held_out"}
+    assert all(0 <= v <= 1 for group in ("by_duration", "grounding_by_duration", "by_phrasing")
+               for v in metrics[group].values())
+    assert metrics["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds), abs=1e-4)
+    assert [p.get("span") for p in preds] == [[1.0, 3.0], [0.5, 2.0], None, None]
+    assert all(0 <= p["iou"] <= 1 for p in preds[:2]) and not any("iou" in p for p in preds[2:])
+    assert [p.get("duration") for p in preds] == [8, 45, 150, None]
+    assert [p.get("phrasing") for p in preds] == ["seen", "held_out", "seen", None]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["grounding"] == grounding and summary["by_phrasing"] == metrics["by_phrasing"]
+
+
+def test_grounding_categories_choose_whose_reference_is_the_true_span(timed_run):
+    _, metrics, _ = timed_run("--grounding_categories", "count")
+    assert metrics["grounding"]["n"] == 1   # only the record with its own "span"

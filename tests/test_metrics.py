@@ -88,3 +88,79 @@ def test_exact_match_is_normalised_and_accepts_any_reference():
     assert exact_match("Left!", ["left"])
     assert exact_match("moves up", ["moves left", "Moves up."])
     assert not exact_match("moves up", ["moves left"])
+
+
+# ---------------------------------------------------------------- grounding, duration, phrasing
+
+def scored(answer, reference="from 0.0 s to 10.0 s", category="grounding", span=(0.0, 10.0), **fields):
+    """A prediction row as the engine builds it."""
+    from dataset.metrics import grounding_score
+    row = {"id": "x", "category": category, "subset": "", "prediction": answer, "reference": reference,
+           "references": [reference], "correct": exact_match(answer, [reference])}
+    return {**row, **grounding_score(answer, reference, category, span), **fields}
+
+
+# IoU with the true span 0-10 s: 1, 0.5, 0.3, 0 (disjoint), 0 (no span in the answer).
+GROUNDED = [scored("from 0.0 s to 10.0 s"), scored("from 0.0 s to 5.0 s"), scored("between 0 and 3 s"),
+            scored("from 20.0 s to 30.0 s"), scored("I do not know")]
+
+
+def test_grounding_score_takes_the_records_span_or_the_reference_in_a_grounding_category():
+    from dataset.metrics import grounding_score
+    assert grounding_score("from 1.0 s to 3.0 s", "the blue one", "order", span=[1.0, 2.0]) == \
+        {"span": [1.0, 2.0], "iou": pytest.approx(0.5)}
+    assert grounding_score("1-3 s", "from 1.0 s to 3.0 s", "grounding") == {"span": [1.0, 3.0], "iou": 1.0}
+    assert grounding_score("1-3 s", "from 1.0 s to 3.0 s", "when", categories=["when"])["iou"] == 1.0
+    assert grounding_score("from 1.0 s to 3.0 s", "from 1.0 s to 3.0 s", "colour") == {}   # not a grounding category
+    assert grounding_score("anything", "no span here", "grounding") == {}   # no true span: unscored
+    assert grounding_score("no span", "from 1.0 s to 3.0 s", "grounding")["iou"] == 0.0
+
+
+def test_known_ious_give_known_miou_recall_and_unparsed():
+    from dataset.metrics import summarise
+    assert [r["iou"] for r in GROUNDED] == pytest.approx([1.0, 0.5, 0.3, 0.0, 0.0])
+    metrics = summarise(GROUNDED + [scored("red", "red", "colour", None)], 0, 1.0)
+    assert metrics["grounding"] == {"miou": 0.36, "r@0.3": 0.6, "r@0.5": 0.4, "r@0.7": 0.2, "n": 5, "unparsed": 1}
+    # "correct" stays exact match: the first grounding answer and the colour answer
+    assert metrics["accuracy"] == round(2 / 6, 4) and metrics["n"] == 6
+
+
+def test_grounding_is_none_without_grounding_predictions_and_other_groups_are_empty():
+    from dataset.metrics import summarise
+    metrics = summarise([scored("red", "red", "colour", None)], 0, 1.0)
+    assert "iou" not in scored("red", "red", "colour", None)
+    assert metrics["grounding"] is None
+    assert metrics["by_duration"] == metrics["grounding_by_duration"] == metrics["by_phrasing"] == {}
+
+
+def test_duration_buckets_are_fixed_and_in_order():
+    from dataset.metrics import DURATION_BUCKETS, duration_bucket, summarise
+    assert [name for name, _, _ in DURATION_BUCKETS] == ["0-10s", "10-30s", "30-60s", "60-120s", "120s+"]
+    seconds = {0: "0-10s", 9.99: "0-10s", 10: "10-30s", 29.9: "10-30s", 30: "30-60s", 60: "60-120s",
+               119.9: "60-120s", 120: "120s+", 5000: "120s+"}
+    assert {s: duration_bucket(s) for s in seconds} == seconds
+    with pytest.raises(ValueError):
+        duration_bucket(-1)
+    rows = [scored("from 0.0 s to 10.0 s", duration=150.0), scored("from 0.0 s to 5.0 s", duration=12.0),
+            scored("I do not know", duration=20.0), scored("red", "red", "colour", None, duration=3.0),
+            scored("blue", "red", "colour", None)]   # no duration: in no bucket
+    metrics = summarise(rows, 0, 1.0)
+    assert list(metrics["by_duration"]) == ["0-10s", "10-30s", "120s+"]
+    assert metrics["by_duration"] == {"0-10s": 1.0, "10-30s": 0.0, "120s+": 1.0}
+    assert metrics["grounding_by_duration"] == {"10-30s": 0.25, "120s+": 1.0}
+
+
+def test_by_phrasing_has_exactly_the_documented_keys_over_records_that_have_the_field():
+    from dataset.metrics import summarise
+    answers = [("red", "seen"), ("blue", "held_out"), ("red", "held_out"), ("red", None)]   # the reference is red
+    rows = [scored(answer, "red", "colour", None, **({"phrasing": phrasing} if phrasing else {}))
+            for answer, phrasing in answers]
+    assert summarise(rows, 0, 1.0)["by_phrasing"] == {"phrasing_seen": 1.0, "phrasing_held_out": 0.5}
+    assert summarise(rows[:1], 0, 1.0)["by_phrasing"] == {"phrasing_seen": 1.0}
+
+
+def test_existing_metrics_keys_are_all_still_there():
+    from dataset.metrics import summarise
+    metrics = summarise(GROUNDED, 2, 1.234)
+    assert {"accuracy", "n", "skipped", "by_category", "by_subset", "caption_metrics", "seconds"} <= set(metrics)
+    assert metrics["skipped"] == 2 and metrics["seconds"] == 1.23 and metrics["by_category"] == {"grounding": 0.2}
