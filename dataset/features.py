@@ -7,9 +7,14 @@ per writer part (one per rank of a split extraction) manifest_<part>.json with
 shard_<part>_NNNNN.safetensors. Readers take the union of all manifests, so the parts of an
 extraction are usable before (or without) merging them into manifest.json. Media paths are the
 jsonl's own strings, so the cache moves with the dataset folder.
+
+Beside each media's features (T, d) a shard holds, under TIMES + path, the time in seconds of each
+sampled frame and then the file's duration ((T + 1,) float32), so the model sees the clock of the
+frames it reads. Caches written before times were kept have none: get_times gives None.
 """
 import glob
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +24,7 @@ from safetensors.torch import save_file
 from model.atomic import atomic_write, remove_stale_temps
 
 MANIFEST = "manifest.json"
+TIMES = "@times/"   # tensor-name prefix of a media's frame times; media paths never start with it
 
 
 def manifest_name(part: str = "") -> str:
@@ -42,11 +48,20 @@ def cache_folder(data_dir, cfg) -> Path:
 
 
 def open_cache(data_dir, cfg, feature_dir=None):
-    """The cache for this encoder + frame sampling under data_dir (or feature_dir), None if absent or 'none'."""
+    """The cache for this encoder + frame sampling under data_dir (or feature_dir), None if absent or 'none'.
+
+    A model that reads frame times (time_encoding "seconds") gets None from a cache written without
+    them, with a note: its media are then encoded online, times and all.
+    """
     if feature_dir == "none":
         return None
     folder = Path(feature_dir) if feature_dir else cache_folder(data_dir, cfg)
-    return FeatureCache(folder) if manifests(folder) else None
+    cache = FeatureCache(folder) if manifests(folder) else None
+    if cache is not None and getattr(cfg, "time_encoding", "index") == "seconds" and not cache.has_times():
+        print(f"note: {folder}: features cached without frame times, which this model reads; CLIP runs "
+              f"online (scripts/extract_features.py writes a cache with times)", file=sys.stderr)
+        return None
+    return cache
 
 
 def read_index(folder) -> dict:
@@ -85,12 +100,36 @@ class FeatureCache:
         return key in self.index
 
     def get(self, key):
-        shard = self.index.get(key)
-        if shard is None:
+        shard = self._shard(key)
+        return None if shard is None else shard.get_tensor(key)
+
+    def has_times(self) -> bool:
+        """Whether this cache keeps the frame times of every media (caches written before they were kept do not)."""
+        by_shard = {}
+        for key, name in self.index.items():
+            by_shard.setdefault(name, []).append(key)
+        for name, keys in by_shard.items():
+            self._shard(keys[0])
+            stored = set(self._open[name].keys())
+            if any(TIMES + key not in stored for key in keys):
+                return False
+        return bool(self.index)
+
+    def get_times(self, key):
+        """(frame times (T,), duration) in seconds, or None when not cached or cached without times."""
+        shard = self._shard(key)
+        if shard is None or TIMES + key not in shard.keys():
             return None
-        if shard not in self._open:   # opened lazily: a DataLoader worker opens its own handles
-            self._open[shard] = safe_open(str(self.folder / shard), "pt")
-        return self._open[shard].get_tensor(key)
+        clock = shard.get_tensor(TIMES + key)
+        return clock[:-1], float(clock[-1])
+
+    def _shard(self, key):
+        name = self.index.get(key)
+        if name is None:
+            return None
+        if name not in self._open:   # opened lazily: a DataLoader worker opens its own handles
+            self._open[name] = safe_open(str(self.folder / name), "pt")
+        return self._open[name]
 
     def __getstate__(self):   # handles do not cross process boundaries
         return {"folder": self.folder, "index": self.index, "_open": {}}
@@ -113,11 +152,18 @@ class FeatureWriter:
         remove_stale_temps(self.folder, glob.escape(self.manifest.name))
         self.index = json.loads(self.manifest.read_text()) if self.manifest.exists() else {}
         self.shard_size = shard_size
-        self.pending = {}
+        self.pending, self.pending_media = {}, 0
 
-    def add(self, key: str, features: torch.Tensor):
+    def add(self, key: str, features: torch.Tensor, times=None, duration: float = 0.0):
+        """Cache one media's features (T, d) and, if given, its frame times (T,) and duration in seconds."""
+        if key.startswith(TIMES):
+            raise ValueError(f"{key}: media paths may not start with {TIMES!r}")
         self.pending[key] = features.to(torch.float16).contiguous().cpu()
-        if len(self.pending) >= self.shard_size:
+        if times is not None:
+            clock = torch.cat([torch.as_tensor(times, dtype=torch.float32).flatten(), torch.tensor([float(duration)])])
+            self.pending[TIMES + key] = clock
+        self.pending_media += 1
+        if self.pending_media >= self.shard_size:
             self.flush()
 
     def flush(self):
@@ -129,7 +175,7 @@ class FeatureWriter:
             number += 1
         name = f"{self.shard_prefix}{number:05d}.safetensors"
         atomic_write(self.folder / name, lambda tmp: save_file(self.pending, tmp))
-        self.index.update({k: name for k in self.pending})
+        self.index.update({k: name for k in self.pending if not k.startswith(TIMES)})
         # The manifest is written after its shard, so it never names a shard that is not there.
         atomic_write(self.manifest, lambda tmp: Path(tmp).write_text(json.dumps(self.index)))
-        self.pending = {}
+        self.pending, self.pending_media = {}, 0

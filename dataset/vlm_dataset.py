@@ -3,13 +3,31 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
-from dataset.media import MediaError, read_media
+from dataset.media import MediaError, read_clip
 from dataset.metrics import PHRASINGS
 from model.chat import IGNORE, BadSample
+
+
+class MediaEntry(NamedTuple):
+    """One media item of a sample as the model will see it: kind "features" (cached CLIP features, (T, d))
+    or "clip_inputs" (the tower's input, (T, 3, S, S), encoded at batch time), and the time in seconds of
+    each of its T frames (None where unknown: features cached before times were kept)."""
+    kind: str
+    values: torch.Tensor
+    times: torch.Tensor = None
+
+
+class VisualInputs(NamedTuple):
+    """A batch's media for the model: features (N, T, d) padded to the longest, frame_mask (N, T) False on
+    padding, frame_times (N, T) seconds (NaN where unknown or padded); all None without media."""
+    features: torch.Tensor = None
+    frame_mask: torch.Tensor = None
+    frame_times: torch.Tensor = None
 
 
 def as_list(value):
@@ -129,7 +147,7 @@ class ConversationDataset(Dataset):
         return item
 
     def _media(self, record, kinds):
-        """One entry per marker, in marker order: ('features', (T,d)) or ('clip_inputs', (T,3,S,S)).
+        """One MediaEntry per marker, in marker order: cached features, or clip inputs to encode.
 
         self.preprocess turns decoded pixels into clip inputs (FrameEncoder.clip_inputs): in a DataLoader
         worker, so the main process only runs the tower."""
@@ -141,12 +159,13 @@ class ConversationDataset(Dataset):
             taken[kind] += 1
             cached = self.cache.get(rel) if self.cache is not None else None
             if cached is not None:
-                media.append(("features", cached))
+                clock = self.cache.get_times(rel)
+                media.append(MediaEntry("features", cached, None if clock is None else clock[0]))
                 continue
             if self.preprocess is None:
                 raise BadSample(f"{rel}: not in the feature cache and no encoder to compute it")
-            pixels = read_media(self.media_root / rel, kind, self.num_frames, self.fps)
-            media.append(("clip_inputs", self.preprocess(pixels)))
+            clip = read_clip(self.media_root / rel, kind, self.num_frames, self.fps)
+            media.append(MediaEntry("clip_inputs", self.preprocess(clip.pixels), torch.from_numpy(clip.times)))
         return media
 
 
@@ -218,22 +237,26 @@ def collate(items, pad_id: int, left_pad=False, warn_skipped=True):
     return batch
 
 
-def features_and_mask(media, encoder=None, device="cpu"):
-    """Media entries → CLIP features padded to (N, T_max, d) and a (N, T_max) valid-frame mask.
+def visual_inputs(media, encoder=None, device="cpu") -> VisualInputs:
+    """MediaEntry items (or (kind, values[, times]) tuples) → the batch's VisualInputs, on `device`.
 
     Clip inputs go through the frozen encoder in one batch; cached features are used as they are.
     """
     if not media:
-        return None, None
-    inputs = [x for kind, x in media if kind == "clip_inputs"]
+        return VisualInputs()
+    media = [MediaEntry(*entry) for entry in media]
+    inputs = [m.values for m in media if m.kind == "clip_inputs"]
     if inputs:
         if encoder is None:
             raise ValueError("media needs the vision encoder but none was loaded")
         encoded = iter(encoder.encode_inputs(torch.cat(inputs)).split([len(x) for x in inputs]))
-    feats = [next(encoded) if kind == "clip_inputs" else x for kind, x in media]
+    feats = [next(encoded) if m.kind == "clip_inputs" else m.values for m in media]
     T = max(len(f) for f in feats)
     out = torch.zeros(len(feats), T, feats[0].shape[-1])
     mask = torch.zeros(len(feats), T, dtype=torch.bool)
-    for i, f in enumerate(feats):
+    times = torch.full((len(feats), T), float("nan"))
+    for i, (f, m) in enumerate(zip(feats, media)):
         out[i, :len(f)], mask[i, :len(f)] = f.float(), True
-    return out.to(device), mask.to(device)
+        if m.times is not None:
+            times[i, :len(f)] = m.times.float()
+    return VisualInputs(out.to(device), mask.to(device), times.to(device))

@@ -28,6 +28,7 @@ class VisionConfig:
     frame_sampling: str = "uniform"  # "uniform" over the clip, or "fps": sample_fps a second, at most num_frames
     sample_fps: float = 0.0          # the rate for "fps" sampling (dataset/media.py sample_frames)
     summary: str = "temporal"        # "temporal" (sees frame order) or "mean" (ablation)
+    time_encoding: str = "index"     # temporal summary: "index" (learned, per frame position) or "seconds" (absolute time)
     num_visual_tokens: int = 8       # K tokens per image or video handed to the LM
     summary_dim: int = 256
     summary_layers: int = 2

@@ -4,8 +4,8 @@ Every client (eval.py, scripts/web_demo.py, scripts/visualize.py, an API server)
 inputs into SamplingOptions and calls one Engine; the Engine knows nothing of flags or pages.
 
     engine = Engine.load(weight="sft_video_128", device="cuda")
-    pixels, features = engine.read_media("clip.mp4", "video")
-    engine.reply([{"role": "user", "content": "<video>\\nWhat happens?"}], [features], SamplingOptions())
+    pixels, seen = engine.read_media("clip.mp4", "video")
+    engine.reply([{"role": "user", "content": "<video>\\nWhat happens?"}], [seen], SamplingOptions())
 """
 from contextlib import closing
 from dataclasses import dataclass
@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.features import open_cache
-from dataset.media import MediaError, read_media as read_pixels, sampling_rate
+from dataset.media import MediaError, read_clip, sampling_rate
 from dataset.metrics import GROUNDING_CATEGORIES, exact_match, grounding_score
-from dataset.vlm_dataset import ConversationDataset, collate, features_and_mask
+from dataset.vlm_dataset import ConversationDataset, MediaEntry, VisualInputs, collate, visual_inputs
 from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info
@@ -68,12 +68,13 @@ class AnsweredBatch:
     skipped: int
 
 
-def generate_tokens(model, input_ids, attention_mask, features, frame_mask, options: SamplingOptions, end_id=None):
+def generate_tokens(model, input_ids, attention_mask, visual: VisualInputs, options: SamplingOptions, end_id=None):
     """The next token of every (left-padded) row, step by step, picked as `options` say; a row that
     produced end_id keeps yielding it. The token level of Engine.generate_batch (bench.py times it)."""
     generator = torch.Generator(device=input_ids.device).manual_seed(options.seed)
-    yield from model.generate(input_ids, attention_mask, features, frame_mask, options.max_new_tokens,
-                              options.temperature, options.top_p, eos_id=end_id, generator=generator)
+    yield from model.generate(input_ids, attention_mask, visual.features, visual.frame_mask, options.max_new_tokens,
+                              options.temperature, options.top_p, eos_id=end_id, generator=generator,
+                              frame_times=visual.frame_times)
 
 
 class AnswerText:
@@ -160,17 +161,17 @@ class Engine:
     # ------------------------------------------------------------ media
 
     def read_media(self, path, kind: str):
-        """(pixels, features) of one file: the uint8 frames (T, H, W, 3) sampled as in training, and
-        their CLIP features (T, d), which is what the model sees of it."""
+        """(pixels, seen) of one file: the uint8 frames (T, H, W, 3) sampled as in training, and what the
+        model sees of it, a MediaEntry of their CLIP features (T, d) and times (T,) in seconds."""
         if kind not in MEDIA_KINDS:
             raise EngineError(f"{path}: media kind {kind!r}, expected one of {', '.join(MEDIA_KINDS)}")
         cfg = self.model.vision_cfg
-        pixels = read_pixels(path, kind, cfg.num_frames, sampling_rate(cfg))
-        return pixels, self.encoder.encode(pixels)
+        clip = read_clip(path, kind, cfg.num_frames, sampling_rate(cfg))
+        return clip.pixels, MediaEntry("features", self.encoder.encode(clip.pixels), torch.from_numpy(clip.times))
 
     # ------------------------------------------------------------ answering
 
-    def prompt_ids(self, conversation, media_features=()) -> list:
+    def prompt_ids(self, conversation, media=()) -> list:
         """The token ids the model reads to answer `conversation`, ending with the assistant prompt."""
         try:
             ids, _, kinds = self.chat.encode(conversation, add_generation_prompt=True)
@@ -178,37 +179,36 @@ class Engine:
             raise EngineError(f"conversation: {e}") from None
         if conversation[-1]["role"] != "user":
             raise EngineError("conversation: the last turn must be the user's (the one to answer)")
-        if len(kinds) != len(media_features):
-            raise EngineError(f"conversation: {len(kinds)} <video>/<image> marker(s) for "
-                              f"{len(media_features)} media item(s)")
-        for i, features in enumerate(media_features):
-            self._check_features(i, features)
+        if len(kinds) != len(media):
+            raise EngineError(f"conversation: {len(kinds)} <video>/<image> marker(s) for {len(media)} media item(s)")
+        for i, item in enumerate(media):
+            self._check_features(i, seen_entry(item).values)
         return ids
 
-    def reply(self, conversation, media_features=(), options=SamplingOptions(), stream=None) -> str:
+    def reply(self, conversation, media=(), options=SamplingOptions(), stream=None) -> str:
         """The assistant's next answer to `conversation` (user/assistant turns, ending with the user's),
-        whose user turns carry one <video>/<image> marker per item of media_features, in order.
+        whose user turns carry one <video>/<image> marker per item of `media`, in order: what read_media
+        saw of each (or its CLIP features alone, (T, d), when the frame times are not needed).
 
         stream(delta), if given, is called once per generated token and once at the end, with what
         the answer gained (empty while a character or a possible stop string is held back); the
         pieces join to the answer (before its surrounding whitespace is stripped).
         """
-        ids = self.prompt_ids(conversation, media_features)
-        features, frame_mask = features_and_mask([("features", f) for f in media_features], None, self.device)
+        ids = self.prompt_ids(conversation, media)
+        visual = visual_inputs([seen_entry(item) for item in media], None, self.device)
         batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.bool)}
-        return self.generate_batch(batch, features, frame_mask, options, stream)[0]
+        return self.generate_batch(batch, visual, options, stream)[0]
 
-    def generate_batch(self, batch, features, frame_mask, options=SamplingOptions(), stream=None) -> list:
+    def generate_batch(self, batch, visual=VisualInputs(), options=SamplingOptions(), stream=None) -> list:
         """The answer of every row of a left-padded batch ({"input_ids", "attention_mask"}), its visual
-        slots filled from `features` (N, T, d) with frame_mask (N, T), or None for text only;
-        `stream(delta)` gets row 0's answer as it grows."""
+        slots filled from `visual` (features (N, T, d), frame_mask and frame_times (N, T); empty for
+        text only); `stream(delta)` gets row 0's answer as it grows."""
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        self._check_prompt(ids, features)
-        if features is not None:
-            features, frame_mask = features.to(self.device), frame_mask.to(self.device)
+        self._check_prompt(ids, visual.features)
+        visual = VisualInputs(*(None if t is None else t.to(self.device) for t in visual))
         answers = [AnswerText(self.tokenizer, self.chat.im_end, options.stop) for _ in range(len(ids))]
         shown = ""
-        steps = generate_tokens(self.model, ids, mask, features, frame_mask, options, end_id=self.chat.im_end)
+        steps = generate_tokens(self.model, ids, mask, visual, options, end_id=self.chat.im_end)
         with closing(steps):   # closed at once when a stop string ends every row early
             for step in steps:
                 for answer, token in zip(answers, step.tolist()):
@@ -259,8 +259,7 @@ class Engine:
             if not batch["size"]:
                 yield AnsweredBatch([], batch["skipped"])
                 continue
-            features, frame_mask = features_and_mask(batch["media"], encoder, self.device)
-            answers = self.generate_batch(batch, features, frame_mask, options)
+            answers = self.generate_batch(batch, visual_inputs(batch["media"], encoder, self.device), options)
             yield AnsweredBatch([prediction(batch, i, a, grounding_categories) for i, a in enumerate(answers)],
                                 batch["skipped"])
 
@@ -280,6 +279,11 @@ class Engine:
                             collate_fn=partial(collate, pad_id=self.chat.pad_id, left_pad=True,
                                                warn_skipped=not strict))
         return loader, encoder
+
+
+def seen_entry(item) -> MediaEntry:
+    """What reply takes per media item: read_media's MediaEntry, or bare CLIP features (times unknown)."""
+    return item if isinstance(item, MediaEntry) else MediaEntry("features", item)
 
 
 def push(stream, shown: str, text: str) -> str:

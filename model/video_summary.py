@@ -1,4 +1,6 @@
-"""VideoSummary: per-frame CLIP features (N, T, d_clip) → K visual tokens (N, K, d), aware of frame order."""
+"""VideoSummary: per-frame CLIP features (N, T, d_clip) → K visual tokens (N, K, d), aware of frame order and time."""
+import math
+
 import torch
 import torch.nn as nn
 
@@ -27,6 +29,25 @@ class FeatureStandardiser(nn.Module):
 
     def forward(self, x):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+TIME_ENCODINGS = ("index", "seconds")
+
+
+class SecondsEmbedding(nn.Module):
+    """A frame's absolute time in seconds → a (d,) vector: sin and cos of t at geometric frequencies (periods
+    from min_period to max_period seconds), then a learned linear map. Any number of frames, any time:
+    a 60-s video and a 2-s clip differ in their clock, not only in their frame count."""
+
+    def __init__(self, d: int, n_frequencies: int = 16, min_period: float = 0.5, max_period: float = 512.0):
+        super().__init__()
+        periods = torch.logspace(math.log10(min_period), math.log10(max_period), n_frequencies)
+        self.register_buffer("omega", 2 * math.pi / periods, persistent=False)   # derived: never stored
+        self.proj = nn.Linear(2 * n_frequencies, d)
+
+    def forward(self, seconds):
+        angles = seconds.unsqueeze(-1).float() * self.omega
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.proj.weight.dtype))
 
 
 def segment_weights(frame_mask, k: int):
@@ -68,23 +89,37 @@ class TemporalSummary(nn.Module):
         self.input_proj = nn.Linear(cfg.clip_dim, d)
         self.motion_norm = RMSNorm(cfg.clip_dim, 1e-3)   # frame changes are small: bring them to content scale
         self.motion_proj = nn.Linear(cfg.clip_dim, d)
-        # At about the scale of the projected features, so tokens know their time from step 0.
-        self.time_embed = nn.Parameter(torch.randn(cfg.num_frames, d) * 0.5)
+        if cfg.time_encoding == "seconds":
+            self.seconds_embed = SecondsEmbedding(d)
+        else:   # "index": a learned vector per frame position, at most num_frames of them
+            # At about the scale of the projected features, so tokens know their time from step 0.
+            self.time_embed = nn.Parameter(torch.randn(cfg.num_frames, d) * 0.5)
         self.stream_embed = nn.Parameter(torch.randn(2, d) * 0.5)
         self.blocks = nn.ModuleList(
             Block(d, cfg.summary_heads, cfg.summary_heads, 4 * d, 1e-5) for _ in range(cfg.summary_layers))
         self.norm = RMSNorm(d, 1e-5)
 
-    def forward(self, features, frame_mask):
-        """features: (N, T, d_clip); frame_mask: (N, T) bool, False where a short clip was padded."""
-        N, T, _ = features.shape
+    def frame_time(self, frame_mask, frame_times):
+        """The time embedding of every frame: (N, T, d) from seconds, or (T, d) by position."""
+        T = frame_mask.shape[1]
+        if hasattr(self, "seconds_embed"):
+            if frame_times is None or bool(torch.isnan(frame_times[frame_mask]).any()):
+                raise ValueError("this model reads each frame's time in seconds, and some are unknown "
+                                 "(features cached without times: run scripts/extract_features.py again)")
+            return self.seconds_embed(torch.nan_to_num(frame_times))
         if T > self.time_embed.shape[0]:
             raise ValueError(f"{T} frames but the model was built for {self.time_embed.shape[0]}")
+        return self.time_embed[:T]
+
+    def forward(self, features, frame_mask, frame_times=None):
+        """features: (N, T, d_clip); frame_mask: (N, T) bool, False where a short clip was padded;
+        frame_times: (N, T) seconds (read with time_encoding "seconds", NaN allowed on padding)."""
+        N, T, _ = features.shape
+        time = self.frame_time(frame_mask, frame_times)
         x = self.input_norm(features)
         motion = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
         has_previous = torch.cat([torch.zeros_like(frame_mask[:, :1]), frame_mask[:, 1:]], dim=1)
         motion = motion * has_previous[..., None].to(x.dtype)   # padding sits at the end
-        time = self.time_embed[:T]
         h = torch.cat([self.input_proj(x) + time + self.stream_embed[0],
                        self.motion_proj(self.motion_norm(motion)) + time + self.stream_embed[1]], dim=1)
         mask = torch.cat([frame_mask, frame_mask], dim=1)[:, None, None, :]
@@ -105,7 +140,7 @@ class MeanSummary(nn.Module):
         self.slots = nn.Parameter(torch.randn(cfg.num_visual_tokens, cfg.summary_dim) * 0.02)
         self.norm = RMSNorm(cfg.summary_dim, 1e-5)
 
-    def forward(self, features, frame_mask):
+    def forward(self, features, frame_mask, frame_times=None):   # time is what this ablation lacks
         weights = frame_mask.to(features.dtype).unsqueeze(-1)
         mean = (features * weights).sum(1) / weights.sum(1).clamp(min=1)
         x = self.input_proj(self.input_norm(mean)).unsqueeze(1) + self.slots
@@ -116,4 +151,6 @@ def build_summary(cfg: VisionConfig) -> nn.Module:
     kinds = {"temporal": TemporalSummary, "mean": MeanSummary}
     if cfg.summary not in kinds:
         raise ValueError(f"summary must be one of {sorted(kinds)}, got {cfg.summary!r}")
+    if cfg.time_encoding not in TIME_ENCODINGS:
+        raise ValueError(f"time_encoding must be one of {TIME_ENCODINGS}, got {cfg.time_encoding!r}")
     return kinds[cfg.summary](cfg)

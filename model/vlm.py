@@ -20,11 +20,11 @@ class VideoLLM(nn.Module):
             nn.Linear(vision_cfg.summary_dim, lm_cfg.hidden_size), nn.GELU(),
             nn.Linear(lm_cfg.hidden_size, lm_cfg.hidden_size))
 
-    def visual_tokens(self, features, frame_mask):
-        """(N, T, d_clip) CLIP features → (N, K, d_lm) LM-space tokens."""
-        return self.projector(self.summary(features, frame_mask))
+    def visual_tokens(self, features, frame_mask, frame_times=None):
+        """(N, T, d_clip) CLIP features (frame_times (N, T) their seconds) → (N, K, d_lm) LM-space tokens."""
+        return self.projector(self.summary(features, frame_mask, frame_times))
 
-    def embed(self, input_ids, features=None, frame_mask=None):
+    def embed(self, input_ids, features=None, frame_mask=None, frame_times=None):
         """Token embeddings with each media's K visual tokens written into its K slots, in order."""
         x = self.lm.embed_tokens(input_ids)
         slots = input_ids == self.vision_cfg.vision_token_id
@@ -34,13 +34,13 @@ class VideoLLM(nn.Module):
             raise ValueError(f"{n_slots} visual slots in the text but {n_media} media × "
                              f"{self.vision_cfg.num_visual_tokens} tokens")
         if n_media:
-            vis = self.visual_tokens(features.to(x.dtype), frame_mask).to(x.dtype)
+            vis = self.visual_tokens(features.to(x.dtype), frame_mask, frame_times).to(x.dtype)
             x = x.masked_scatter(slots.unsqueeze(-1), vis)
         return x
 
-    def forward(self, input_ids, labels=None, features=None, frame_mask=None):
+    def forward(self, input_ids, labels=None, features=None, frame_mask=None, frame_times=None):
         """Returns logits, or with labels (-100 = ignored) the summed token loss and the token count."""
-        hidden = self.lm.hidden(self.embed(input_ids, features, frame_mask))
+        hidden = self.lm.hidden(self.embed(input_ids, features, frame_mask, frame_times))
         if labels is None:
             return self.lm.logits(hidden)
         targets = labels[:, 1:]
@@ -55,18 +55,17 @@ class VideoLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, features=None, frame_mask=None,
-                 max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+                 max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None, frame_times=None):
         """Yield the next token of every row, step by step (streaming); prompts are left-padded.
 
         temperature 0 is greedy; otherwise sample from the top-p nucleus. Rows that produced
         eos_id keep yielding eos_id; iteration stops when all rows are done.
         """
         with self.lm.frozen_weights():
-            yield from self._generate(input_ids, attention_mask, features, frame_mask, max_new_tokens,
-                                      temperature, top_p, eos_id, generator)
+            yield from self._generate(input_ids, attention_mask, (features, frame_mask, frame_times),
+                                      max_new_tokens, temperature, top_p, eos_id, generator)
 
-    def _generate(self, input_ids, attention_mask, features, frame_mask, max_new_tokens, temperature, top_p,
-                  eos_id, generator):
+    def _generate(self, input_ids, attention_mask, visual, max_new_tokens, temperature, top_p, eos_id, generator):
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -74,7 +73,7 @@ class VideoLLM(nn.Module):
         padded = not bool(attention_mask.all())
         total = min(L + max_new_tokens, self.lm_cfg.max_seq_len)
         cache = KVCache(self.lm_cfg, B, total, input_ids.device, self.lm.embed_tokens.weight.dtype)
-        embeds = self.embed(input_ids, features, frame_mask)
+        embeds = self.embed(input_ids, *visual)
         if padded:
             mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
             mask[:, :L] = attention_mask.bool()

@@ -35,6 +35,7 @@ from _repo import ROOT
 from dataset.media import read_video, uniform_indices
 from model.config import LMConfig, VisionConfig
 from model.convert import HF_NAMES, hf_config, rename_out
+from dataset.vlm_dataset import VisualInputs
 from model.engine import SamplingOptions, generate_tokens
 from model.vlm import VideoLLM
 from trainer.optim import make_optimizer
@@ -232,7 +233,7 @@ def bench_decode(shape, prompt_len, new_tokens, rounds, device, workdir):
     greedy = SamplingOptions(max_new_tokens=new_tokens)
 
     def ours_cached():   # no end token: like theirs, exactly new_tokens tokens
-        return torch.stack(list(generate_tokens(ours, prompt, None, None, None, greedy)), dim=1)
+        return torch.stack(list(generate_tokens(ours, prompt, None, VisualInputs(), greedy)), dim=1)
 
     def theirs():
         with torch.no_grad():

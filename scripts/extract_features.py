@@ -13,14 +13,15 @@ from torch.utils.data import DataLoader, Dataset
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.features import FeatureCache, FeatureWriter, cache_folder, merge_manifests
-from dataset.media import SAMPLING_MODES, MediaError, read_media, sampling_rate
+from dataset.media import SAMPLING_MODES, MediaError, read_clip, sampling_rate
 from dataset.vlm_dataset import as_list, read_jsonl
 from model.config import VisionConfig
 from model.vision import FrameEncoder
 
 
 class MediaInputs(Dataset):
-    """(key, clip inputs or None, error) per media item: decoding and the tower's transform run in workers."""
+    """(key, (clip inputs, frame times, duration) or None, error) per media item: decoding and the tower's
+    transform run in workers."""
 
     def __init__(self, items, root, num_frames, fps, preprocess):
         self.items, self.root, self.num_frames, self.preprocess = items, Path(root), num_frames, preprocess
@@ -32,7 +33,8 @@ class MediaInputs(Dataset):
     def __getitem__(self, i):
         kind, key = self.items[i]
         try:
-            return key, self.preprocess(read_media(self.root / key, kind, self.num_frames, self.fps)), None
+            clip = read_clip(self.root / key, kind, self.num_frames, self.fps)
+            return key, (self.preprocess(clip.pixels), clip.times, clip.duration), None
         except MediaError as e:
             return key, None, str(e)
 
@@ -59,17 +61,17 @@ def extract(items, root, encoder, writer, fps, num_frames, batch_size=32, num_wo
                         num_workers=num_workers, collate_fn=list)
     done, frames, failed = 0, 0, 0
     for rows in loader:
-        good = [(key, inputs) for key, inputs, error in rows if inputs is not None]
+        good = [(key, read) for key, read, error in rows if read is not None]
         for key, _, error in rows:
             if error:
                 failed += 1
                 print(f"warning: skipped {error}", file=sys.stderr)
         if good:
-            features = encoder.encode_inputs(torch.cat([x for _, x in good]))
-            for (key, x), f in zip(good, features.split([len(x) for _, x in good])):
-                writer.add(key, f)
+            features = encoder.encode_inputs(torch.cat([inputs for _, (inputs, _, _) in good]))
+            for (key, (inputs, times, duration)), f in zip(good, features.split([len(x) for _, (x, _, _) in good])):
+                writer.add(key, f, times, duration)
             done += len(good)
-            frames += sum(len(x) for _, x in good)
+            frames += sum(len(x) for _, (x, _, _) in good)
     writer.flush()
     return done, frames, failed
 

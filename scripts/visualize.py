@@ -68,8 +68,8 @@ def draw_answer_grid(rows, path, columns: int):
 
 def answer_frames(engine, media_path, kind, questions, options):
     """(the pixels the model sees, [(question, answer)]): each question asked fresh about the media."""
-    pixels, features = engine.read_media(media_path, kind)
-    answers = [(q, engine.reply([{"role": "user", "content": f"<{kind}>\n{q}"}], [features], options))
+    pixels, seen = engine.read_media(media_path, kind)
+    answers = [(q, engine.reply([{"role": "user", "content": f"<{kind}>\n{q}"}], [seen], options))
                for q in questions]
     return pixels, answers
 

@@ -130,7 +130,7 @@ def video_frame_count(path) -> int:
 
 
 def load_media(engine, path, max_video_frames):
-    """(kind, sampled pixels, their CLIP features); DemoError for what the page should say instead."""
+    """(kind, sampled pixels, what the model sees of them); DemoError for what the page should say instead."""
     kind = media_kind(path)
     with MEDIA_LOCK:
         if kind == "video":
@@ -139,14 +139,14 @@ def load_media(engine, path, max_video_frames):
                 raise DemoError(f"{Path(path).name}: {total} frames, more than this demo takes "
                                 f"({max_video_frames}; --max_video_frames)")
         try:
-            pixels, features = engine.read_media(path, kind)
+            pixels, seen = engine.read_media(path, kind)
         except INPUT_ERRORS as e:
             raise DemoError(str(e).replace(str(path), Path(path).name)) from None
-    return kind, pixels, features
+    return kind, pixels, seen
 
 
 def new_state(model_path) -> dict:
-    return {"model": model_path, "media": None, "kind": None, "features": None, "conversation": []}
+    return {"model": model_path, "media": None, "kind": None, "seen": None, "conversation": []}
 
 
 def unanswerable(engine, conversation, media) -> str | None:
@@ -206,7 +206,7 @@ class Handlers:
         if not state["media"]:
             return state, [], None, WAITING, describe(engine)
         try:   # another model may sample other frames, through another tower
-            state["kind"], pixels, state["features"] = load_media(engine, state["media"], self.args.max_video_frames)
+            state["kind"], pixels, state["seen"] = load_media(engine, state["media"], self.args.max_video_frames)
         except DemoError as e:
             return {**state, "media": None}, [], None, f"**Error:** {e}", describe(engine)
         return state, [], gallery_of(pixels), sampled(pixels, state["media"]), describe(engine)
@@ -217,7 +217,7 @@ class Handlers:
             return state, [], None, WAITING
         try:
             engine = self.models.get(state["model"])
-            state["kind"], pixels, state["features"] = load_media(engine, file, self.args.max_video_frames)
+            state["kind"], pixels, state["seen"] = load_media(engine, file, self.args.max_video_frames)
         except DemoError as e:
             return state, [], None, f"**Error:** {e}"
         state["media"] = file
@@ -229,11 +229,11 @@ class Handlers:
             yield history, state, ""
             return
         engine = self.models.get(state["model"])
-        marker = f"<{state['kind']}>\n" if state["features"] is not None and not state["conversation"] else ""
+        marker = f"<{state['kind']}>\n" if state["seen"] is not None and not state["conversation"] else ""
         conversation = state["conversation"] + [{"role": "user", "content": marker + message}]
         history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
         yield history, state, ""
-        media = [state["features"]] if state["features"] is not None else []
+        media = [state["seen"]] if state["seen"] is not None else []
         note = unanswerable(engine, conversation, media)
         if note:
             history[-1]["content"] = note

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dataset.features import FeatureCache, FeatureWriter, open_cache, cache_folder
-from dataset.media import MediaError, read_image, read_video, uniform_indices
-from dataset.vlm_dataset import ConversationDataset, collate, features_and_mask
+from dataset.media import MediaError, read_clip, read_image, read_video, uniform_indices
+from dataset.vlm_dataset import ConversationDataset, collate, visual_inputs
 from model.chat import IGNORE, BadSample, ChatEncoder
 
 VIDEO = "videos/v00000.mp4"
@@ -147,6 +147,31 @@ def test_rewriting_a_key_keeps_every_key_readable(tmp_path):
     assert [float(cache.get(k)[0, 0]) for k in "abc"] == [2.0, 2.0, 3.0]
 
 
+def test_the_cache_keeps_each_media_frame_times_and_duration(synthetic, feature_cache, chat, tmp_path):
+    clip = read_clip(synthetic / VIDEO, "video", 4)
+    times, duration = FeatureCache(feature_cache).get_times(VIDEO)
+    np.testing.assert_allclose(times.numpy(), clip.times)
+    assert duration == pytest.approx(clip.duration) and duration == pytest.approx(2.0)   # 16 frames at 8 fps
+    path = write_jsonl(tmp_path / "data.jsonl", [record(VIDEO)])
+    (kind, _, entry_times), = make_dataset(path, chat, synthetic, cache=FeatureCache(feature_cache))[0]["media"]
+    assert kind == "features" and entry_times.tolist() == times.tolist()
+
+
+def test_a_cache_written_without_times_gives_none(tmp_path):
+    writer = FeatureWriter(tmp_path)
+    writer.add("a.mp4", torch.ones(4, 8))
+    writer.flush()
+    assert FeatureCache(tmp_path).get_times("a.mp4") is None and FeatureCache(tmp_path).get_times("b.mp4") is None
+    with pytest.raises(ValueError, match="may not start"):
+        writer.add("@times/a.mp4", torch.ones(4, 8))
+
+
+def test_online_media_carry_their_frame_times(tmp_path, chat, synthetic, frame_encoder):
+    path = write_jsonl(tmp_path / "data.jsonl", [record(VIDEO)])
+    (kind, _, times), = make_dataset(path, chat, synthetic, frame_encoder)[0]["media"]
+    assert kind == "clip_inputs" and times.tolist() == [0.25, 0.75, 1.25, 1.75]   # frames 2, 6, 10, 14 at 8 fps
+
+
 def test_dataset_uses_cached_features_and_pixels_for_the_rest(tmp_path, chat, synthetic, frame_encoder,
                                                               vision_cfg):
     online = frame_encoder.encode(read_video(synthetic / VIDEO, 4))
@@ -160,11 +185,11 @@ def test_dataset_uses_cached_features_and_pixels_for_the_rest(tmp_path, chat, sy
     path = write_jsonl(tmp_path / "data.jsonl", [record(VIDEO), record(OTHER_VIDEO)])
     data = make_dataset(path, chat, synthetic, frame_encoder, cache=cache)
     assert data.uncached() == {OTHER_VIDEO}
-    (kind0, x0), = data[0]["media"]
-    (kind1, x1), = data[1]["media"]
+    (kind0, x0, _), = data[0]["media"]
+    (kind1, x1, _), = data[1]["media"]
     assert kind0 == "features" and x0.dtype == torch.float16 and x0.shape == online.shape
     assert kind1 == "clip_inputs" and x1.shape == (4, 3, 32, 32)
-    frames, mask = features_and_mask([(kind0, x0)], frame_encoder)
+    frames, mask, _ = visual_inputs([(kind0, x0)], frame_encoder)
     torch.testing.assert_close(frames[0], online, atol=2e-3, rtol=2e-3)
 
 
@@ -179,7 +204,7 @@ def test_images_are_one_frame_and_videos_num_frames(tmp_path, chat, synthetic, f
         {"id": "y", "image": [image], "video": VIDEO, "conversations": [
             {"role": "user", "content": "<video> then <image>"}, {"role": "assistant", "content": "ok"}]}])
     media = make_dataset(path, chat, synthetic, frame_encoder)[0]["media"]
-    assert [x.shape[0] for _, x in media] == [4, 1]   # marker order, not key order
+    assert [x.shape[0] for _, x, _ in media] == [4, 1]   # marker order, not key order
     assert read_image(synthetic / image).shape[0] == 1
 
 
@@ -264,3 +289,23 @@ def test_a_malformed_span_duration_or_phrasing_makes_a_bad_sample(tmp_path, chat
     with pytest.raises(BadSample, match=f"{path}:2: "):
         make_dataset(path, chat, synthetic, frame_encoder, for_generation=True, strict=True)[1]
     assert "error" not in make_dataset(path, chat, synthetic, frame_encoder)[1]   # training ignores them
+
+
+def test_a_model_that_reads_times_does_not_use_a_cache_without_them(tmp_path, vision_cfg, capsys):
+    import dataclasses
+    folder = cache_folder(tmp_path, vision_cfg)
+    writer = FeatureWriter(folder)
+    writer.add(VIDEO, torch.ones(4, 8))
+    writer.flush()
+    assert open_cache(tmp_path, vision_cfg) is not None   # the index model does not need them
+    seconds = dataclasses.replace(vision_cfg, time_encoding="seconds")
+    assert open_cache(tmp_path, seconds) is None
+    assert "without frame times" in capsys.readouterr().err
+    writer.add(OTHER_VIDEO, torch.ones(4, 8), times=[0.0, 0.5, 1.0, 1.5], duration=2.0)
+    writer.flush()
+    assert open_cache(tmp_path, seconds) is None   # one media without times is enough to refuse it
+    timed = FeatureWriter(tmp_path / "timed")
+    timed.add(VIDEO, torch.ones(4, 8), times=[0.0, 0.5, 1.0, 1.5], duration=2.0)
+    timed.flush()
+    cache = open_cache(tmp_path, seconds, feature_dir=str(tmp_path / "timed"))
+    assert cache is not None and cache.get_times(VIDEO)[1] == 2.0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_vlm
-from dataset.vlm_dataset import features_and_mask
+from dataset.vlm_dataset import visual_inputs
 from model.engine import INPUT_ERRORS, AnswerText, Engine, EngineError, SamplingOptions
 
 CLIP_DIM, FRAMES = 16, 4
@@ -58,7 +58,7 @@ def test_greedy_reply_is_the_decoded_greedy_tokens_and_its_stream_joins_to_it(en
     conversation, media = ask("What happens in the video?"), [features(0)]
     answer = engine.reply(conversation, media, GREEDY)
     ids = torch.tensor([engine.prompt_ids(conversation, media)])
-    frames, mask = features_and_mask([("features", media[0])])
+    frames, mask, _ = visual_inputs([("features", media[0])])
     tokens = torch.cat(list(engine.model.generate(ids, None, frames, mask, GREEDY.max_new_tokens))).tolist()
     tokens = tokens[:tokens.index(engine.chat.im_end)] if engine.chat.im_end in tokens else tokens
     assert answer and answer == engine.tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -77,8 +77,8 @@ def test_a_left_padded_batch_answers_as_one_prompt_at_a_time(engine):
     assert len(set(map(len, rows))) > 1   # the batch really is padded
     batch = {"input_ids": torch.tensor([[engine.chat.pad_id] * (width - len(r)) + r for r in rows]),
              "attention_mask": torch.tensor([[False] * (width - len(r)) + [True] * len(r) for r in rows])}
-    frames, mask = features_and_mask([("features", f) for m in media for f in m])
-    assert engine.generate_batch(batch, frames, mask, GREEDY) == alone
+    visual = visual_inputs([("features", f) for m in media for f in m])
+    assert engine.generate_batch(batch, visual, GREEDY) == alone
     assert len(set(alone)) > 1
 
 

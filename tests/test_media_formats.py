@@ -324,7 +324,7 @@ def test_dataset_reads_videos_at_the_configured_rate(tmp_path, tokenizer, synthe
         {"role": "user", "content": "<video>\nWhat?"}, {"role": "assistant", "content": "red"}]}) + "\n")
     data = ConversationDataset(path, ChatEncoder(tokenizer, 2), num_frames=4, max_len=128, media_root=synthetic,
                                preprocess=frame_encoder.clip_inputs, fps=1.0)
-    (kind, pixels), = data[0]["media"]
+    (kind, pixels, _), = data[0]["media"]
     at_rate = frame_encoder.clip_inputs(read_video(synthetic / SYNTHETIC_VIDEO, 4, fps=1.0))   # frames 0, 0, 8, 8
     uniform = frame_encoder.clip_inputs(read_video(synthetic / SYNTHETIC_VIDEO, 4))          # frames 2, 6, 10, 14
     assert kind == "clip_inputs" and torch.equal(pixels, at_rate) and not torch.equal(pixels, uniform)

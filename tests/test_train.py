@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import read_log, run_python
+from model.checkpoint import read_metadata
 from trainer.sampler import PAD, ShardSampler
 
 LOG_KEYS = {"step", "loss", "lr", "tok_s", "skipped"}
@@ -213,3 +214,24 @@ def test_a_resumed_sampler_continues_with_the_next_batch():
     sampler = ShardSampler(11, 2, 1, seed=3)
     sampler.skip = 4
     assert list(sampler) == full[4:] and len(sampler) == len(full) - 4
+
+
+def test_a_model_that_reads_seconds_trains_from_cached_times_and_answers(tmp_path, synthetic, fresh_flags, train,
+                                                                         feature_cache):
+    """time_encoding seconds end to end: the cache's frame times reach the model in training and eval."""
+    out = tmp_path / "out"
+    result = train("train_sft.py", "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}",
+                   f"--out_dir={out}", *fresh_flags, "--time_encoding=seconds", f"--feature_dir={feature_cache}")
+    assert result.returncode == 0, result.stderr
+    assert "CLIP runs online" not in result.stderr   # the cache has the times this model reads
+    meta = json.loads(read_metadata(out / "sft_video_32.safetensors")["vision_config"])
+    assert meta["time_encoding"] == "seconds"
+    answer = run_python("eval.py", f"--weight={out / 'sft_video_32.safetensors'}", "--max_new_tokens=4",
+                        f"--video={synthetic / 'videos' / 't00000.mp4'}", "--prompt=What happens?")
+    assert answer.returncode == 0, answer.stderr
+
+
+def test_an_unknown_time_encoding_is_one_line(tmp_path, synthetic, fresh_flags, train):
+    result = train("train_sft.py", "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}",
+                   f"--out_dir={tmp_path}", *fresh_flags, "--time_encoding=minutes")
+    assert result.returncode != 0 and "time_encoding" in result.stderr and "Traceback" not in result.stderr

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dataset.vlm_dataset import features_and_mask
+from dataset.vlm_dataset import visual_inputs
 from model.config import VisionConfig
 from model.video_summary import MeanSummary, TemporalSummary
 
@@ -88,7 +88,7 @@ def test_padded_frames_do_not_change_the_summary(kind):
 def test_image_batched_with_a_video_gets_the_same_tokens_as_alone(make_vlm):
     model = make_vlm()
     image, video = torch.randn(1, 16), torch.randn(4, 16)
-    frames, mask = features_and_mask([("features", image), ("features", video.half())])
+    frames, mask, _ = visual_inputs([("features", image), ("features", video.half())])
     assert frames.shape == (2, 4, 16) and mask.tolist() == [[True, False, False, False], [True] * 4]
     together = model.visual_tokens(frames, mask)
     alone = model.visual_tokens(image[None], torch.ones(1, 1, dtype=torch.bool))
@@ -99,3 +99,47 @@ def test_too_many_frames_for_the_temporal_embeddings_is_an_error():
     summary = TemporalSummary(summary_cfg("temporal"))
     with pytest.raises(ValueError, match="frames"):
         summary(torch.randn(1, 5, 16), torch.ones(1, 5, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- absolute time ("seconds")
+
+def seconds_summary():
+    torch.manual_seed(0)
+    cfg = summary_cfg("temporal")
+    cfg.time_encoding = "seconds"
+    return TemporalSummary(cfg).eval()
+
+
+def test_the_seconds_summary_reads_the_clock_not_only_the_frame_order():
+    summary = seconds_summary()
+    frames, mask = features()
+    short = torch.tensor([[0.25, 0.75, 1.25, 1.75]])     # a 2-s clip
+    long = short * 15                                  # the same frames spread over a 30-s video
+    assert not torch.allclose(summary(frames, mask, short), summary(frames, mask, long), atol=1e-4)
+    torch.testing.assert_close(summary(frames, mask, short), summary(frames, mask, short.clone()))
+
+
+def test_the_seconds_summary_takes_more_frames_than_num_frames():
+    summary = seconds_summary()   # built for num_frames=4
+    many = torch.randn(1, 12, 16)
+    tokens = summary(many, torch.ones(1, 12, dtype=torch.bool), torch.arange(12.0)[None])
+    assert tokens.shape == (1, K, 16) and torch.isfinite(tokens).all()
+
+
+def test_the_seconds_summary_refuses_frames_of_unknown_time_but_not_padding():
+    summary = seconds_summary()
+    frames, mask = features()
+    times = torch.tensor([[0.0, 1.0, float("nan"), 3.0]])
+    with pytest.raises(ValueError, match="time in seconds"):
+        summary(frames, mask, times)
+    with pytest.raises(ValueError, match="time in seconds"):
+        summary(frames, mask, None)
+    padded = summary(frames, torch.tensor([[True, True, False, False]]), times)
+    assert torch.isfinite(padded).all()
+
+
+def test_visual_inputs_carry_frame_times_and_mark_the_unknown():
+    video, image = torch.randn(3, 16), torch.randn(1, 16)
+    visual = visual_inputs([("features", video, torch.tensor([0.5, 1.5, 2.5])), ("features", image)])
+    assert visual.frame_times.shape == (2, 3)
+    assert visual.frame_times[0].tolist() == [0.5, 1.5, 2.5] and torch.isnan(visual.frame_times[1]).all()

@@ -40,8 +40,8 @@ def eval_answer(checkpoint, video, question=QUESTION) -> str:
     """What eval.py answers (greedy, 64 new tokens: the page's defaults), through the Engine it uses."""
     from model.engine import Engine, SamplingOptions
     engine = Engine.load(weight=str(checkpoint), device="cpu")
-    _, features = engine.read_media(str(video), "video")
-    return engine.reply([{"role": "user", "content": f"<video>\n{question}"}], [features],
+    _, seen = engine.read_media(str(video), "video")
+    return engine.reply([{"role": "user", "content": f"<video>\n{question}"}], [seen],
                         SamplingOptions(max_new_tokens=64, temperature=0)).strip()
 
 

@@ -10,6 +10,7 @@ from model.chat import BadSample, TokenizerError
 from model.checkpoint import CheckpointError
 from model.convert import ConversionError
 from model.lora import LoraError
+from model.video_summary import TIME_ENCODINGS
 from model.vision import VisionWeightsError
 from trainer.errors import PeerStopped, TrainingError
 from trainer.loop import Trainer
@@ -77,6 +78,9 @@ def add_architecture_flags(p):
                        ("summary_dim", int), ("summary_layers", int), ("clip_model", str),
                        ("clip_image_size", int)]:
         a(f"--{name}", type=kind, default=None)
+    a("--time_encoding", choices=TIME_ENCODINGS, default=None,
+      help="how the temporal summary knows when a frame is: index (a learned vector per frame position; "
+           "default) or seconds (the frame's absolute time, any number of frames)")
     a("--clip_pretrained", default=None, help="open_clip pretrained tag or local weights file")
     a("--frame_sampling", choices=SAMPLING_MODES, default=None,
       help="video frames: uniform over the clip (default), or fps: --sample_fps a second, at most --num_frames")

@@ -6,7 +6,7 @@ import numpy as np
 
 from dataset.features import open_cache
 from dataset.media import sampling_rate
-from dataset.vlm_dataset import ConversationDataset, features_and_mask
+from dataset.vlm_dataset import ConversationDataset, visual_inputs
 from model.config import VisionConfig
 from model.vision import FrameEncoder
 from trainer.errors import TrainingError
@@ -53,6 +53,6 @@ def fit_feature_stats(model, dataset, encoder, seed, max_items=256):
     media = [m for i in order for m in dataset[int(i)].get("media", [])]
     if not media:
         return
-    features, mask = features_and_mask(media, encoder)
+    features, mask, _ = visual_inputs(media, encoder)
     model.summary.input_norm.fit(features[mask])
 

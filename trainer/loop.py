@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dataset.vlm_dataset import collate, features_and_mask
+from dataset.vlm_dataset import collate, visual_inputs
 from model.chat import ChatEncoder, load_tokenizer
 from model.atomic import atomic_write, remove_stale_temps
 from model.checkpoint import load_weights, save_checkpoint
@@ -214,11 +214,11 @@ class Trainer:
 
     def loss_sum(self, batch, training=True):
         """Summed token loss and token count of one micro-batch (in training, through DDP if any)."""
-        features, mask = features_and_mask(batch["media"], self.encoder, self.device)
+        visual = visual_inputs(batch["media"], self.encoder, self.device)
         net = (self.ddp if training else None) or self.model
         with self.autocast:
-            loss, count = net(batch["input_ids"].to(self.device), batch["labels"].to(self.device), features, mask)
-        if features is None and net is self.ddp:
+            loss, count = net(batch["input_ids"].to(self.device), batch["labels"].to(self.device), *visual)
+        if visual.features is None and net is self.ddp:
             # DDP expects a gradient for every trainable parameter; a text-only batch gives the
             # vision side none, so it gets an explicit zero.
             loss = loss + 0.0 * sum(p.sum() for p in self.model.parameters() if p.requires_grad)
