@@ -72,6 +72,8 @@ HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 HELD_OUT_PHRASING_PROBABILITY = 0.5
 MAX_SCENE_TRIES = 500
+# A constant quantiser: x264's crf mode gives slightly different pixels from run to run.
+REPRODUCIBLE_X264 = {"qp": "18", "preset": "veryfast"}
 
 # Streams distinct from synthetic.py's (0-6), so both generators can share a seed.
 STREAM_HELD_OUT, STREAM_TRAIN_SCENE, STREAM_TEST_SCENE, STREAM_TEST_SPLIT = 20, 21, 22, 23
@@ -567,7 +569,7 @@ def render_scene(scene: Scene, size: int) -> np.ndarray:
 def write_video(task) -> None:
     """Worker entry point: render one scene and write its mp4."""
     scene, path, settings = task
-    write_mp4(path, render_scene(scene, settings.size), settings.fps, settings.codec)
+    write_mp4(path, render_scene(scene, settings.size), settings.fps, settings.codec, REPRODUCIBLE_X264)
 
 
 def write_all_videos(out_dir: Path, scenes, settings: Settings, workers: int) -> None:
