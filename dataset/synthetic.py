@@ -516,14 +516,16 @@ def pick_codec() -> str:
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
 
 
-def write_mp4(path, video: np.ndarray, fps: int, codec: str) -> None:
+def write_mp4(path, video: np.ndarray, fps: int, codec: str, x264_options: dict | None = None) -> None:
+    """x264_options replace the default rate control (the temporal suite passes a constant qp: crf is
+    not pixel-reproducible from run to run)."""
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = video.shape[2], video.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1  # parallelism comes from the worker pool
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}  # crf 18 keeps the flat colours clean
+            stream.options = x264_options or {"crf": "18", "preset": "veryfast"}  # crf 18 keeps the flat colours clean
         else:
             stream.bit_rate = 4_000_000
         stream.codec_context.time_base = Fraction(1, fps)

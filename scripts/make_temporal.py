@@ -1,0 +1,49 @@
+"""Generate the synthetic temporal suite (long low-fps clips with timed events; jsonl splits, meta.json) into --out."""
+import argparse
+import time
+
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from dataset.synthetic import pick_codec
+from dataset.synthetic_temporal import Settings, generate
+from make_synthetic import even_size, int_at_least
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 second, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--n_videos", type=int_at_least(1), required=True, help="training videos (pair members extra)")
+    parser.add_argument("--n_test", type=int_at_least(1), default=60, help="test videos (pair members extra)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
+    parser.add_argument("--min_seconds", type=positive_seconds, default=4.0)
+    parser.add_argument("--max_seconds", type=positive_seconds, default=60.0)
+    parser.add_argument("--test_max_seconds", type=positive_seconds, default=None, help="default: 2 * --max_seconds")
+    parser.add_argument("--fps", type=int_at_least(1), default=4)
+    parser.add_argument("--size", type=even_size, default=64, help="frame side in pixels")
+    parser.add_argument("--workers", type=int_at_least(1), default=2)
+    args = parser.parse_args(argv)
+    args.test_max_seconds = args.test_max_seconds or 2 * args.max_seconds
+    if not args.min_seconds <= args.max_seconds <= args.test_max_seconds:
+        parser.error("need --min_seconds <= --max_seconds <= --test_max_seconds")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    settings = Settings(args.fps, args.size, args.min_seconds, args.max_seconds, args.test_max_seconds, pick_codec())
+    meta = generate(args.out, args.n_videos, args.n_test, args.seed, settings, args.workers)
+    counts = meta["counts"]
+    print(f"wrote {counts['train_videos']} train / {counts['test_videos']} test videos, "
+          f"{counts['pretrain_samples']} pretrain / {counts['sft_video_samples']} sft_video / "
+          f"{counts['test_samples']} test samples to {args.out} in {time.perf_counter() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
