@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import multiprocessing
@@ -163,8 +164,9 @@ def choose_held_out(seed: int) -> list[tuple[str, str, str]]:
             return held_out
 
 
-def held_out_is_learnable(held_out, remaining) -> bool:
-    for axis, values in enumerate((COLOURS, SHAPES, MOTIONS)):
+def held_out_is_learnable(held_out, remaining, axes=(COLOURS, SHAPES, MOTIONS)) -> bool:
+    """Every value and every pair of values inside a held-out triple still occurs in training."""
+    for axis, values in enumerate(axes):
         if {c[axis] for c in remaining} != set(values):
             return False
     for pair_axes in ((0, 1), (0, 2), (1, 2)):
@@ -551,12 +553,17 @@ def write_all_media(out_dir: Path, train, test, images, settings: RenderSettings
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     tasks = [(s, out_dir / video_path(s), settings) for s in train + test]
     tasks += [(s, out_dir / image_path(s), settings) for s in images]
+    run_tasks(write_media, tasks, workers, chunksize=16)
+
+
+def run_tasks(work, tasks, workers: int, chunksize: int) -> None:
+    """work(task) for every task, in a pool of `workers` processes (in this one when workers is 1)."""
     if workers == 1:
         for task in tasks:
-            write_media(task)
+            work(task)
         return
     with multiprocessing.Pool(workers) as pool:
-        for _ in pool.imap_unordered(write_media, tasks, chunksize=16):
+        for _ in pool.imap_unordered(work, tasks, chunksize=chunksize):
             pass
 
 
@@ -609,3 +616,22 @@ def generate(out_dir, n_videos, seed, n_images=None, n_test=None, size=128, fram
     meta = build_meta(seed, held_out, train, test, images, splits, settings)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
+
+
+# ---------------------------------------------------------------- argument types of the generators' CLIs
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def even_size(text: str) -> int:
+    value = int_at_least(32)(text)
+    if value % 2:
+        raise argparse.ArgumentTypeError(f"must be even (yuv420p needs even sides), got {value}")
+    return value

@@ -41,15 +41,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import multiprocessing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from dataset.metrics import DURATION_BUCKETS
-from dataset.synthetic import (COLOURS, PATH_END, PATH_START, SHAPES, blank_canvas, item_rng, pick, pick_codec,
-                               pixel_grid, shape_mask, with_article, write_jsonl, write_mp4)
+from dataset.synthetic import (COLOURS, PATH_END, PATH_START, SHAPES, blank_canvas, held_out_is_learnable, item_rng,
+                               pick, pick_codec, pixel_grid, run_tasks, shape_mask, with_article, write_jsonl, write_mp4)
 from dataset.timespan import format_span, format_time
 
 ACTIONS = ("appear", "leave", "move", "bounce", "hop", "turn")
@@ -245,18 +244,6 @@ def all_combos() -> list:
     return list(itertools.product(COLOURS, SHAPES, ACTIONS))
 
 
-def combo_is_learnable(held_out, remaining, axes) -> bool:
-    """Every value and every pair inside a held-out triple still occurs in training."""
-    for axis, values in enumerate(axes):
-        if {c[axis] for c in remaining} != set(values):
-            return False
-    for pair_axes in ((0, 1), (0, 2), (1, 2)):
-        seen = {tuple(c[a] for a in pair_axes) for c in remaining}
-        if any(tuple(c[a] for a in pair_axes) not in seen for c in held_out):
-            return False
-    return True
-
-
 def choose_held_out(seed: int) -> list:
     combos = all_combos()
     rng = item_rng(seed, STREAM_HELD_OUT)
@@ -264,7 +251,7 @@ def choose_held_out(seed: int) -> list:
         chosen = rng.choice(len(combos), size=round(HELD_OUT_FRACTION * len(combos)), replace=False)
         held_out = sorted(combos[i] for i in chosen)
         remaining = [c for c in combos if c not in set(held_out)]
-        if combo_is_learnable(held_out, remaining, (COLOURS, SHAPES, ACTIONS)):
+        if held_out_is_learnable(held_out, remaining, (COLOURS, SHAPES, ACTIONS)):
             return held_out
 
 
@@ -576,13 +563,7 @@ def write_all_videos(out_dir: Path, scenes, settings: Settings, workers: int) ->
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     # Longest first, so no long clip is left to run alone at the end.
     tasks = sorted(((s, out_dir / video_path(s), settings) for s in scenes), key=lambda t: -t[0].frames)
-    if workers == 1:
-        for task in tasks:
-            write_video(task)
-        return
-    with multiprocessing.Pool(workers) as pool:
-        for _ in pool.imap_unordered(write_video, tasks, chunksize=4):
-            pass
+    run_tasks(write_video, tasks, workers, chunksize=4)
 
 
 def video_path(scene: Scene) -> str:

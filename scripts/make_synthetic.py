@@ -3,24 +3,7 @@ import argparse
 import time
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
-from dataset.synthetic import generate
-
-
-def int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def even_size(text: str) -> int:
-    value = int_at_least(32)(text)
-    if value % 2:
-        raise argparse.ArgumentTypeError(f"must be even (yuv420p needs even sides), got {value}")
-    return value
+from dataset.synthetic import even_size, generate, int_at_least
 
 
 def parse_args(argv=None) -> argparse.Namespace:

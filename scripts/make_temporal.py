@@ -3,9 +3,8 @@ import argparse
 import time
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
-from dataset.synthetic import pick_codec
+from dataset.synthetic import even_size, int_at_least, pick_codec
 from dataset.synthetic_temporal import Settings, generate
-from make_synthetic import even_size, int_at_least
 
 
 def positive_seconds(text: str) -> float:
