@@ -157,10 +157,12 @@ CATEGORIES = ("order", "count", "speed", "grounding", "needle_what", "needle_whe
 
 @dataclass(frozen=True)
 class Settings:
+    """How the videos are made: frames a second, frame side in pixels, the seconds a training video
+    lasts (min to max) and a test video at most, and the encoder."""
     fps: int = 4
     size: int = 64
     min_seconds: float = 4.0
-    max_seconds: float = 60.0
+    max_seconds: float = 60.0          # training videos; test videos go on to test_max_seconds
     test_max_seconds: float = 120.0
     codec: str = "libx264"
 
