@@ -19,29 +19,16 @@ N_VIDEOS=${N_VIDEOS:-3000}      # training videos (binding two objects is data-h
 N_IMAGES=${N_IMAGES:-1500}      # training images (3 in 4 hold two objects)
 N_TEST=${N_TEST:-200}           # test videos (30% of them novel_combo)
 SEED=${SEED:-0}                 # dataset seed
-VOCAB=${VOCAB:-1024}            # BPE tokenizer size = LM vocab_size
-# --- frozen vision encoder (random, seeded) and the visual path
-CLIP_MODEL=${CLIP_MODEL:-ViT-Demo-16}  # model/vision_model/ViT-Demo-16.json: 3 layers, width 256, 16-px patches
-CLIP_SIZE=${CLIP_SIZE:-128}
-VISION_SEED=${VISION_SEED:-0}
+# --- the visual path
 FRAMES=${FRAMES:-8}             # frames sampled per video
 K=${K:-8}                       # visual tokens per image/video
-SUMMARY_DIM=${SUMMARY_DIM:-128}
-# --- language model
-DIM=${DIM:-128}
-LAYERS=${LAYERS:-2}
-HEADS=${HEADS:-4}
-KV=${KV:-2}
 # --- training
 BS=${BS:-32}
 PRE_EPOCHS=${PRE_EPOCHS:-2}
 IMG_EPOCHS=${IMG_EPOCHS:-2}
 VID_EPOCHS=${VID_EPOCHS:-6}
-PRE_LR=${PRE_LR:-2e-3}
-SFT_LR=${SFT_LR:-2e-3}
-TRAIN_SEED=${TRAIN_SEED:-42}
-VAL_EVERY=${VAL_EVERY:-50}
-EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}  # appended to every training command, e.g. "--warmup_steps 50"
+# --- shared with scripts/demo_temporal.sh (scripts/lib/demo_parts.sh): CLIP_MODEL CLIP_SIZE VISION_SEED
+#     SUMMARY_DIM VOCAB DIM LAYERS HEADS KV PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS
 # --- switches
 ABLATION=${ABLATION:-1}         # 0: skip the mean-summary ablation
 FRESH_DATA=${FRESH_DATA:-1}     # 0: keep dataset/synthetic (and its feature cache) if meta.json has the same seed and counts
@@ -52,9 +39,10 @@ SETTINGS=(N_VIDEOS N_IMAGES N_TEST SEED VOCAB CLIP_MODEL CLIP_SIZE VISION_SEED F
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/steps.sh
 source scripts/lib/steps.sh   # step, lane, join_lanes; times, peak RSS and settings under out/
+# shellcheck source=scripts/lib/demo_parts.sh
+source scripts/lib/demo_parts.sh   # the shared settings, VISION, flags, make_tower, train_step
 
 DATA=dataset/synthetic
-VISION="model/vision_model/${CLIP_MODEL}-${CLIP_SIZE}-random-seed${VISION_SEED}.safetensors"
 steps_init out
 write_settings "${SETTINGS[@]}"
 
@@ -81,8 +69,7 @@ step tokenizer python scripts/train_tokenizer.py --out model/tokenizer --vocab_s
   --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl"
 
 # 3. vision weights (kept if the file exists)
-step vision python scripts/make_random_vision.py --clip_model "$CLIP_MODEL" --image_size "$CLIP_SIZE" \
-  --seed "$VISION_SEED" --out "$VISION"
+make_tower
 
 # 4. CLIP features of every frame of every media item, cached once for all stages and eval
 #    (two parts side by side, each writing its own shards; then one manifest)
@@ -90,30 +77,19 @@ FEATURES=(python scripts/extract_features.py
   --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl" "$DATA/test.jsonl"
   --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE" --clip_pretrained "$VISION" --num_frames "$FRAMES"
   --world_size 2 --num_workers 1)
-lane features part1 step features_1 "${FEATURES[@]}" --rank 0
-lane features part2 step features_2 "${FEATURES[@]}" --rank 1
-join_lanes features
-step features_merge "${FEATURES[@]}" --merge
+features_in_two_parts "${FEATURES[@]}"
 
 # 5-7. three stages + eval, for a VideoSummary variant: temporal (the model) or mean (ablation)
-COMMON=(--no_progress --val_every "$VAL_EVERY" --batch_size "$BS" --seed "$TRAIN_SEED" --clip_pretrained "$VISION")
-ARCH=(--hidden_size "$DIM" --num_layers "$LAYERS" --num_heads "$HEADS" --num_kv_heads "$KV" --vocab_size "$VOCAB"
-      --num_frames "$FRAMES" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM"
-      --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE")
-# shellcheck disable=SC2206
-EXTRA=($EXTRA_TRAIN_ARGS)
+ARCH=("${LM_FLAGS[@]}" --num_frames "$FRAMES" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline SUMMARY SUFFIX: SUFFIX ("" or "_mean") names the checkpoints and steps
   local summary=$1 sfx=$2
-  step "pretrain$sfx" python train_pretrain.py --data_path "$DATA/pretrain.jsonl" "${ARCH[@]}" --summary "$summary" \
-    --epochs "$PRE_EPOCHS" --learning_rate "$PRE_LR" --save_name "pretrain_vlm_${DIM}${sfx}" "${COMMON[@]}" \
-    ${EXTRA[@]+"${EXTRA[@]}"}
-  step "sft_image$sfx" python train_sft.py --stage image --data_path "$DATA/sft_image.jsonl" \
-    --from_weight "pretrain_vlm_${DIM}${sfx}" --epochs "$IMG_EPOCHS" --learning_rate "$SFT_LR" \
-    --save_name "sft_image_${DIM}${sfx}" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
-  step "sft_video$sfx" python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" \
-    --from_weight "sft_image_${DIM}${sfx}" --epochs "$VID_EPOCHS" --learning_rate "$SFT_LR" \
-    --save_name "sft_video_${DIM}${sfx}" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  train_step "pretrain$sfx" "$PRE_EPOCHS" "$PRE_LR" "pretrain_vlm_${DIM}${sfx}" \
+    python train_pretrain.py --data_path "$DATA/pretrain.jsonl" "${ARCH[@]}" --summary "$summary"
+  train_step "sft_image$sfx" "$IMG_EPOCHS" "$SFT_LR" "sft_image_${DIM}${sfx}" \
+    python train_sft.py --stage image --data_path "$DATA/sft_image.jsonl" --from_weight "pretrain_vlm_${DIM}${sfx}"
+  train_step "sft_video$sfx" "$VID_EPOCHS" "$SFT_LR" "sft_video_${DIM}${sfx}" \
+    python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" --from_weight "sft_image_${DIM}${sfx}"
   step "eval$sfx" python eval.py --weight "sft_video_${DIM}${sfx}" --data_path "$DATA/test.jsonl" \
     --out "out/preds_${summary}.jsonl" --metrics_out "out/metrics_${summary}.json"
 }

@@ -23,29 +23,16 @@ MAX_SECONDS=${MAX_SECONDS:-60}  # longest training clip
 TEST_MAX_SECONDS=${TEST_MAX_SECONDS:-$(( 2 * ${MAX_SECONDS%.*} ))}   # longest test clip (longer than any seen)
 VIDEO_FPS=${VIDEO_FPS:-4}       # frames a second in the files
 VIDEO_SIZE=${VIDEO_SIZE:-64}    # frame side in pixels
-VOCAB=${VOCAB:-1024}            # BPE tokenizer size = LM vocab_size
-# --- frozen vision encoder (random, seeded; the same file as scripts/demo.sh) and the visual path
-CLIP_MODEL=${CLIP_MODEL:-ViT-Demo-16}
-CLIP_SIZE=${CLIP_SIZE:-128}
-VISION_SEED=${VISION_SEED:-0}
+# --- the visual path
 SAMPLE_FPS=${SAMPLE_FPS:-1}     # frames sampled a second of video
 FRAME_CAP=${FRAME_CAP:-64}      # at most this many frames per video (longer videos: spread evenly)
 K=${K:-16}                      # visual tokens per video
-SUMMARY_DIM=${SUMMARY_DIM:-128}
-# --- language model
-DIM=${DIM:-128}
-LAYERS=${LAYERS:-2}
-HEADS=${HEADS:-4}
-KV=${KV:-2}
 # --- training
 BS=${BS:-16}
 PRE_EPOCHS=${PRE_EPOCHS:-2}
 VID_EPOCHS=${VID_EPOCHS:-6}
-PRE_LR=${PRE_LR:-2e-3}
-SFT_LR=${SFT_LR:-2e-3}
-TRAIN_SEED=${TRAIN_SEED:-42}
-VAL_EVERY=${VAL_EVERY:-50}
-EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}  # appended to every training command, e.g. "--warmup_steps 50"
+# --- shared with scripts/demo.sh (scripts/lib/demo_parts.sh; the same random tower file): CLIP_MODEL CLIP_SIZE
+#     VISION_SEED SUMMARY_DIM VOCAB DIM LAYERS HEADS KV PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS
 # --- switches
 ABLATIONS=${ABLATIONS:-mean no_time}    # space-separated, any of: mean no_time ("" runs the model alone)
 FRESH_DATA=${FRESH_DATA:-1}     # 0: keep the data folder (and its features) if made with the same settings
@@ -60,11 +47,12 @@ SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FP
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/steps.sh
 source scripts/lib/steps.sh   # step, lane, join_lanes; times, peak RSS and settings under out/temporal/
+# shellcheck source=scripts/lib/demo_parts.sh
+source scripts/lib/demo_parts.sh   # the shared settings, VISION, flags, make_tower, train_step
 
 OUT=$OUT_DIR
 DATA=$DATA_DIR
 TOKENIZER=$OUT/tokenizer
-VISION="model/vision_model/${CLIP_MODEL}-${CLIP_SIZE}-random-seed${VISION_SEED}.safetensors"
 
 summary_flags() {   # summary_flags NAME: the VideoSummary flags of the model ("temporal") or an ablation
   case $1 in
@@ -101,37 +89,25 @@ SPLITS=("$DATA/pretrain.jsonl" "$DATA/sft_video.jsonl" "$DATA/test.jsonl")
 step tokenizer python scripts/train_tokenizer.py --out "$TOKENIZER" --vocab_size "$VOCAB" --data "${SPLITS[@]:0:2}"
 
 # 3. vision weights (kept if the file exists)
-step vision python scripts/make_random_vision.py --clip_model "$CLIP_MODEL" --image_size "$CLIP_SIZE" \
-  --seed "$VISION_SEED" --out "$VISION"
+make_tower
 
 # 4. CLIP features of the sampled frames (with their times), two parts side by side, then one manifest
 SAMPLING=(--frame_sampling fps --sample_fps "$SAMPLE_FPS" --num_frames "$FRAME_CAP")
-FEATURES=(python scripts/extract_features.py --data "${SPLITS[@]}" --clip_model "$CLIP_MODEL"
-  --clip_image_size "$CLIP_SIZE" --clip_pretrained "$VISION" "${SAMPLING[@]}" --world_size 2 --num_workers 1)
-lane features part1 step features_1 "${FEATURES[@]}" --rank 0
-lane features part2 step features_2 "${FEATURES[@]}" --rank 1
-join_lanes features
-step features_merge "${FEATURES[@]}" --merge
+features_in_two_parts python scripts/extract_features.py --data "${SPLITS[@]}" "${TOWER_FLAGS[@]}" \
+  --clip_pretrained "$VISION" "${SAMPLING[@]}" --world_size 2 --num_workers 1
 
 # 5-6. pretrain + video SFT + eval, for the model or an ablation
-COMMON=(--no_progress --val_every "$VAL_EVERY" --batch_size "$BS" --seed "$TRAIN_SEED" --clip_pretrained "$VISION"
-        --out_dir "$OUT" --tokenizer "$TOKENIZER")
-ARCH=(--hidden_size "$DIM" --num_layers "$LAYERS" --num_heads "$HEADS" --num_kv_heads "$KV" --vocab_size "$VOCAB"
-      "${SAMPLING[@]}" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM"
-      --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE")
-# shellcheck disable=SC2206
-EXTRA=($EXTRA_TRAIN_ARGS)
+COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER")
+ARCH=("${LM_FLAGS[@]}" "${SAMPLING[@]}" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>) or an ablation (<stage>_<DIM>_NAME)
   local name=$1 sfx="" summary
   [ "$name" = temporal ] || sfx="_$name"
   read -r -a summary <<< "$(summary_flags "$name")"
-  step "pretrain$sfx" python train_pretrain.py --data_path "$DATA/pretrain.jsonl" "${ARCH[@]}" "${summary[@]}" \
-    --epochs "$PRE_EPOCHS" --learning_rate "$PRE_LR" --save_name "pretrain_vlm_${DIM}${sfx}" "${COMMON[@]}" \
-    ${EXTRA[@]+"${EXTRA[@]}"}
-  step "sft_video$sfx" python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" \
-    --from_weight "pretrain_vlm_${DIM}${sfx}" --epochs "$VID_EPOCHS" --learning_rate "$SFT_LR" \
-    --save_name "sft_video_${DIM}${sfx}" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  train_step "pretrain$sfx" "$PRE_EPOCHS" "$PRE_LR" "pretrain_vlm_${DIM}${sfx}" \
+    python train_pretrain.py --data_path "$DATA/pretrain.jsonl" "${ARCH[@]}" "${summary[@]}"
+  train_step "sft_video$sfx" "$VID_EPOCHS" "$SFT_LR" "sft_video_${DIM}${sfx}" \
+    python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" --from_weight "pretrain_vlm_${DIM}${sfx}"
   step "eval$sfx" python eval.py --out_dir "$OUT" --weight "sft_video_${DIM}${sfx}" --data_path "$DATA/test.jsonl" \
     --out "$OUT/preds_${name}.jsonl" --metrics_out "$OUT/metrics_${name}.json"
 }

@@ -56,18 +56,18 @@ def parse_prediction_span(text):
 
 def pick_timeline_rows(preds, n=TIMELINE_VIDEOS):
     """Up to n span questions with a known duration, one per video, needle_when and grounding taking turns."""
-    queues = {c: [] for c in TIMELINE_CATEGORIES}
-    seen_videos = set()
-    for p in preds:
-        video = p["id"].split("-")[0]
-        if p.get("category") in queues and p.get("span") and p.get("duration") and video not in seen_videos:
-            queues[p["category"]].append(p)
-            seen_videos.add(video)
-    rows = []
+    queues = {c: [p for p in preds if p.get("category") == c and p.get("span") and p.get("duration")]
+              for c in TIMELINE_CATEGORIES}
+    rows, used_videos = [], set()
     while len(rows) < n and any(queues.values()):
         for queue in queues.values():
-            if queue and len(rows) < n:
-                rows.append(queue.pop(0))
+            while queue and len(rows) < n:
+                pred = queue.pop(0)
+                video = pred["id"].split("-")[0]   # ids are <video>-<question form>
+                if video not in used_videos:
+                    used_videos.add(video)
+                    rows.append(pred)
+                    break
     return rows
 
 
