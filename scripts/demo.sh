@@ -19,29 +19,16 @@ N_VIDEOS=${N_VIDEOS:-3000}      # training videos (binding two objects is data-h
 N_IMAGES=${N_IMAGES:-1500}      # training images (3 in 4 hold two objects)
 N_TEST=${N_TEST:-200}           # test videos (30% of them novel_combo)
 SEED=${SEED:-0}                 # dataset seed
-VOCAB=${VOCAB:-1024}            # BPE tokenizer size = LM vocab_size
-# --- frozen vision encoder (random, seeded) and the visual path
-CLIP_MODEL=${CLIP_MODEL:-ViT-Demo-16}  # model/vision_model/ViT-Demo-16.json: 3 layers, width 256, 16-px patches
-CLIP_SIZE=${CLIP_SIZE:-128}
-VISION_SEED=${VISION_SEED:-0}
+# --- the visual path
 FRAMES=${FRAMES:-8}             # frames sampled per video
 K=${K:-8}                       # visual tokens per image/video
-SUMMARY_DIM=${SUMMARY_DIM:-128}
-# --- language model
-DIM=${DIM:-128}
-LAYERS=${LAYERS:-2}
-HEADS=${HEADS:-4}
-KV=${KV:-2}
 # --- training
 BS=${BS:-32}
 PRE_EPOCHS=${PRE_EPOCHS:-2}
 IMG_EPOCHS=${IMG_EPOCHS:-2}
 VID_EPOCHS=${VID_EPOCHS:-6}
-PRE_LR=${PRE_LR:-2e-3}
-SFT_LR=${SFT_LR:-2e-3}
-TRAIN_SEED=${TRAIN_SEED:-42}
-VAL_EVERY=${VAL_EVERY:-50}
-EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}  # appended to every training command, e.g. "--warmup_steps 50"
+# --- shared with scripts/demo_temporal.sh (scripts/lib/demo_parts.sh): CLIP_MODEL CLIP_SIZE VISION_SEED
+#     SUMMARY_DIM VOCAB DIM LAYERS HEADS KV PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS
 # --- switches
 ABLATION=${ABLATION:-1}         # 0: skip the mean-summary ablation
 FRESH_DATA=${FRESH_DATA:-1}     # 0: keep dataset/synthetic (and its feature cache) if meta.json has the same seed and counts
@@ -50,97 +37,14 @@ SETTINGS=(N_VIDEOS N_IMAGES N_TEST SEED VOCAB CLIP_MODEL CLIP_SIZE VISION_SEED F
           BS PRE_EPOCHS IMG_EPOCHS VID_EPOCHS PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATION)
 
 cd "$(dirname "$0")/.."
-# Spinning OpenMP threads stall whenever the other core is busy (a 2-core box); sleeping ones do not.
-export OMP_WAIT_POLICY=PASSIVE
-export PYTHONUNBUFFERED=1
+# shellcheck source=scripts/lib/steps.sh
+source scripts/lib/steps.sh   # step, lane, join_lanes; times, peak RSS and settings under out/
+# shellcheck source=scripts/lib/demo_parts.sh
+source scripts/lib/demo_parts.sh   # the shared settings, VISION, flags, make_tower, train_step
 
 DATA=dataset/synthetic
-VISION="model/vision_model/${CLIP_MODEL}-${CLIP_SIZE}-random-seed${VISION_SEED}.safetensors"
-mkdir -p out
-STEPS_TSV=out/.demo_steps.tsv          # name, seconds, peak RSS kB, lane (one line per finished step)
-: > "$STEPS_TSV"
-now() {   # seconds since the epoch, with a fraction where date has %N (GNU; BSD date has none)
-  local t; t=$(date +%s.%N)
-  case $t in *N) date +%s ;; *) echo "$t" ;; esac
-}
-START=$(now)
-CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
-LANE_THREADS=$(( CORES >= 4 ? CORES / 2 : 1 ))   # torch threads per lane when two lanes run at once,
-if [ -n "${OMP_NUM_THREADS:-}" ] && [ "$OMP_NUM_THREADS" -lt "$LANE_THREADS" ]; then
-  LANE_THREADS=$OMP_NUM_THREADS                   # never more than the caller allows
-fi
-LANE=-                                            # the lane of the steps being run ("-": alone)
-LANE_PIDS=()
-
-# /usr/bin/time -v gives each step's peak resident memory (package `time`); optional.
-if [ -x /usr/bin/time ] && /usr/bin/time -v -o /dev/null true 2>/dev/null; then
-  TIMER=(/usr/bin/time -v -o)
-else
-  TIMER=()
-  echo "note: /usr/bin/time not found (apt package 'time'): peak memory is not recorded" >&2
-fi
-
-write_times() {   # out/demo_times.json {step: seconds, "total", "peak_rss_gb", "lanes"}; out/demo_rss.json {step: GB}
-  python - "$STEPS_TSV" "$START" "$(now)" <<'PY'
-import collections, json, sys
-rows = [line.split("\t") for line in open(sys.argv[1]).read().splitlines() if line]
-times = {name: round(float(sec), 2) for name, sec, _, _ in rows}
-times["total"] = round(float(sys.argv[3]) - float(sys.argv[2]), 2)
-rss = {name: round(int(kb) / 1024 ** 2, 3) for name, _, kb, _ in rows if kb.strip()}
-if rss:
-    # Side-by-side lanes (group:lane) hold memory at the same time: a group's peak is the sum of
-    # its lanes' largest steps (an upper bound); the demo's peak is the largest step or group.
-    lanes = collections.defaultdict(float)
-    for name, _, _, lane in rows:
-        if name in rss and lane != "-":
-            lanes[lane] = max(lanes[lane], rss[name])
-    groups = collections.defaultdict(float)
-    for lane, gb in lanes.items():
-        groups[lane.split(":")[0]] += gb
-    times["peak_rss_gb"] = round(max(list(rss.values()) + list(groups.values())), 3)
-times["lanes"] = {name: lane for name, _, _, lane in rows if lane != "-"}
-open("out/demo_times.json", "w").write(json.dumps(times, indent=1) + "\n")
-open("out/demo_rss.json", "w").write(json.dumps(rss, indent=1) + "\n")
-PY
-}
-
-step() {   # step NAME COMMAND...: run it, time it, record seconds, peak RSS and $LANE
-  local name=$1; shift
-  echo "==> [$name] $*"
-  local t0 t1 kb="" line timing="out/.demo_step.$name.time"
-  t0=$(now)
-  ${TIMER[@]+"${TIMER[@]}" "$timing"} "$@"
-  t1=$(now)
-  if [ ${#TIMER[@]} -gt 0 ]; then
-    kb=$(awk -F': ' '/Maximum resident set size/ {print $2}' "$timing")
-    rm -f "$timing"
-  fi
-  line=$(printf '%s\t%s\t%s\t%s' "$name" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')" "$kb" "$LANE")
-  echo "$line" >> "$STEPS_TSV"   # one short append per step: lanes never interleave within a line
-  [ "$LANE" != - ] || write_times   # lanes: once all are done (join_lanes), so no write misses a step
-  echo "    [$name] $(cut -f2 <<< "$line") s"
-}
-
-lane() {   # lane GROUP TAG COMMAND...: start COMMAND (a function or program) as lane GROUP:TAG in the background
-  local group=$1 tag=$2
-  shift 2
-  ( set -o pipefail
-    export LANE="$group:$tag" OMP_NUM_THREADS=$LANE_THREADS
-    "$@" 2>&1 | awk -v tag="[$tag] " '{ print tag $0; fflush() }' ) &
-  LANE_PIDS+=($!)
-}
-
-join_lanes() {   # join_lanes GROUP: wait for every lane started; exit 1 if any failed (the others finish first)
-  local pid failed=0
-  for pid in "${LANE_PIDS[@]}"; do wait "$pid" || failed=1; done
-  LANE_PIDS=()
-  write_times
-  [ "$failed" = 0 ] || { echo "error: a lane of '$1' failed (see its [tag] lines above)" >&2; exit 1; }
-}
-
-pairs=(); for v in "${SETTINGS[@]}"; do pairs+=("$v=${!v}"); done
-python -c 'import json, sys; print(json.dumps(dict(a.split("=", 1) for a in sys.argv[1:]), indent=1))' \
-  "${pairs[@]}" > out/demo_settings.json
+steps_init out
+write_settings "${SETTINGS[@]}"
 
 # 1. data (a dataset made with other settings is removed, feature cache included)
 if [ "$FRESH_DATA" = 0 ] && python - "$DATA/meta.json" "$SEED" "$N_VIDEOS" "$N_IMAGES" "$N_TEST" <<'PY'
@@ -165,8 +69,7 @@ step tokenizer python scripts/train_tokenizer.py --out model/tokenizer --vocab_s
   --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl"
 
 # 3. vision weights (kept if the file exists)
-step vision python scripts/make_random_vision.py --clip_model "$CLIP_MODEL" --image_size "$CLIP_SIZE" \
-  --seed "$VISION_SEED" --out "$VISION"
+make_tower
 
 # 4. CLIP features of every frame of every media item, cached once for all stages and eval
 #    (two parts side by side, each writing its own shards; then one manifest)
@@ -174,30 +77,19 @@ FEATURES=(python scripts/extract_features.py
   --data "$DATA/pretrain.jsonl" "$DATA/sft_image.jsonl" "$DATA/sft_video.jsonl" "$DATA/test.jsonl"
   --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE" --clip_pretrained "$VISION" --num_frames "$FRAMES"
   --world_size 2 --num_workers 1)
-lane features part1 step features_1 "${FEATURES[@]}" --rank 0
-lane features part2 step features_2 "${FEATURES[@]}" --rank 1
-join_lanes features
-step features_merge "${FEATURES[@]}" --merge
+features_in_two_parts "${FEATURES[@]}"
 
 # 5-7. three stages + eval, for a VideoSummary variant: temporal (the model) or mean (ablation)
-COMMON=(--no_progress --val_every "$VAL_EVERY" --batch_size "$BS" --seed "$TRAIN_SEED" --clip_pretrained "$VISION")
-ARCH=(--hidden_size "$DIM" --num_layers "$LAYERS" --num_heads "$HEADS" --num_kv_heads "$KV" --vocab_size "$VOCAB"
-      --num_frames "$FRAMES" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM"
-      --clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE")
-# shellcheck disable=SC2206
-EXTRA=($EXTRA_TRAIN_ARGS)
+ARCH=("${LM_FLAGS[@]}" --num_frames "$FRAMES" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline SUMMARY SUFFIX: SUFFIX ("" or "_mean") names the checkpoints and steps
   local summary=$1 sfx=$2
-  step "pretrain$sfx" python train_pretrain.py --data_path "$DATA/pretrain.jsonl" "${ARCH[@]}" --summary "$summary" \
-    --epochs "$PRE_EPOCHS" --learning_rate "$PRE_LR" --save_name "pretrain_vlm_${DIM}${sfx}" "${COMMON[@]}" \
-    ${EXTRA[@]+"${EXTRA[@]}"}
-  step "sft_image$sfx" python train_sft.py --stage image --data_path "$DATA/sft_image.jsonl" \
-    --from_weight "pretrain_vlm_${DIM}${sfx}" --epochs "$IMG_EPOCHS" --learning_rate "$SFT_LR" \
-    --save_name "sft_image_${DIM}${sfx}" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
-  step "sft_video$sfx" python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" \
-    --from_weight "sft_image_${DIM}${sfx}" --epochs "$VID_EPOCHS" --learning_rate "$SFT_LR" \
-    --save_name "sft_video_${DIM}${sfx}" "${COMMON[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+  train_step "pretrain$sfx" "$PRE_EPOCHS" "$PRE_LR" "pretrain_vlm_${DIM}${sfx}" \
+    python train_pretrain.py --data_path "$DATA/pretrain.jsonl" "${ARCH[@]}" --summary "$summary"
+  train_step "sft_image$sfx" "$IMG_EPOCHS" "$SFT_LR" "sft_image_${DIM}${sfx}" \
+    python train_sft.py --stage image --data_path "$DATA/sft_image.jsonl" --from_weight "pretrain_vlm_${DIM}${sfx}"
+  train_step "sft_video$sfx" "$VID_EPOCHS" "$SFT_LR" "sft_video_${DIM}${sfx}" \
+    python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" --from_weight "sft_image_${DIM}${sfx}"
   step "eval$sfx" python eval.py --weight "sft_video_${DIM}${sfx}" --data_path "$DATA/test.jsonl" \
     --out "out/preds_${summary}.jsonl" --metrics_out "out/metrics_${summary}.json"
 }

@@ -114,11 +114,13 @@ def build_metrics(temporal, mean, preds_t, preds_m, times, ckpt, vision):
 
 # ---------------------------------------------------------------- plots
 
-def plot_loss_curves(logs: dict, path: Path):
-    """One panel per stage (the _mean run beside its temporal twin), loss vs step, val_loss as dots."""
+def plot_loss_curves(logs: dict, path: Path, suffixes=("_mean",)):
+    """One panel per stage (each ablation's run, named <run><suffix>, beside its model twin), loss vs step,
+    val_loss as dots."""
     groups = {}
     for run in logs:
-        groups.setdefault(run.removesuffix("_mean"), []).append(run)
+        twin = next((run.removesuffix(s) for s in suffixes if run.endswith(s)), run)
+        groups.setdefault(twin, []).append(run)
     plot_curves(logs, path, groups=groups or None)
 
 
@@ -231,13 +233,13 @@ def section_captions(temporal, mean, with_mean):
             "CIDEr with idf from these references):", "", table(header, rows), ""]
 
 
-def section_model(ckpt, vision):
+def section_model(ckpt, vision, extra_vision_keys=()):
     if not ckpt:
         return ["## Model", "", "(no checkpoint found)", ""]
     lm, vis, counts = ckpt["lm"], ckpt["vision"], ckpt["counts"]
     lm_keys = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "rope_theta"]
     vis_keys = ["clip_model", "clip_image_size", "clip_dim", "num_frames", "summary", "num_visual_tokens",
-                "summary_dim", "summary_layers", "summary_heads"]
+                "summary_dim", "summary_layers", "summary_heads", *extra_vision_keys]
     rows = [[f"LM `{k}`", lm.get(k)] for k in lm_keys] + [[f"vision `{k}`", vis.get(k)] for k in vis_keys]
     rows.append(["vision `clip_pretrained`", f"`{vis.get('clip_pretrained') or '(none: open_clip random init)'}`"])
     text = ["## Model", "", f"Checkpoint `{ckpt['name']}.safetensors` (stage {ckpt.get('stage')}, "
@@ -277,7 +279,7 @@ def section_runs(logs, out_dir: Path):
                                            "final val loss", "tokens/s (median)", "skipped samples"], rows), ""]
 
 
-def section_time(times, rss):
+def section_time(times, rss, script="scripts/demo.sh"):
     steps = [(k, v) for k, v in times.items() if k not in ("total", "peak_rss_gb") and isinstance(v, (int, float))]
     if not steps:
         return ["## Time and memory", "", "(no out/demo_times.json)", ""]
@@ -288,18 +290,18 @@ def section_time(times, rss):
     peak = times.get("peak_rss_gb")
     note = (" Steps with a lane ran side by side with the other lane of their group, each on its share of the cores, "
             "so their times overlap; the peak memory adds up side-by-side steps." if lanes else "")
-    return ["## Time and memory", "", "Wall-clock seconds per pipeline step (`scripts/demo.sh`; CPU unless CUDA "
+    return ["## Time and memory", "", f"Wall-clock seconds per pipeline step (`{script}`; CPU unless CUDA "
             "was available), peak resident memory of each step's largest process." + note, "",
             table(["step", "seconds", "peak RSS (GB)", "lane"], rows), "",
             f"Total: **{times.get('total', 0) / 60:.1f} min**; peak memory: **{'–' if peak is None else f'{peak:.2f} GB'}**.",
             ""]
 
 
-def section_reproduce(settings):
-    text = ["## Reproduce", "", "From a clean checkout, offline: `bash scripts/demo.sh`."]
+def section_reproduce(settings, script="scripts/demo.sh"):
+    text = ["## Reproduce", "", f"From a clean checkout, offline: `bash {script}`."]
     if settings:
         env = " ".join(f"{k}={v!r}" if (not v or " " in v) else f"{k}={v}" for k, v in settings.items())
-        text += ["With exactly the settings of this run:", "", "```bash", f"{env} bash scripts/demo.sh", "```"]
+        text += ["With exactly the settings of this run:", "", "```bash", f"{env} bash {script}", "```"]
     return text + [""]
 
 
@@ -336,12 +338,11 @@ def build_report(temporal, mean, preds_t, preds_m, times, rss, ckpt, vision, met
 
 # ---------------------------------------------------------------- main
 
-def select_logs(out_dir: Path, dim, with_mean: bool) -> dict:
-    """This demo's runs (<stage>_<dim>[_mean]) when the log folder has them, else every log."""
+def select_logs(out_dir: Path, dim, suffixes=("",), stages=("pretrain_vlm", "sft_image", "sft_video")) -> dict:
+    """This demo's runs (<stage>_<dim><suffix>, suffix "" for the model) when the log folder has them, else every log."""
     paths = sorted((out_dir / "logs").glob("*.jsonl"))
     if dim is not None:
-        names = [f"{p}_{dim}" for p in ("pretrain_vlm", "sft_image", "sft_video")]
-        names += [f"{n}_mean" for n in names] if with_mean else []
+        names = [f"{stage}_{dim}{sfx}" for sfx in suffixes for stage in stages]
         mine = [p for p in paths if p.stem in names]
         paths = sorted(mine, key=lambda p: names.index(p.stem)) if mine else paths
     return {p.stem: read_jsonl(p) for p in paths}
@@ -368,7 +369,8 @@ def main(argv=None):
     ckpt = checkpoint_info(find_checkpoint(out_dir, args.weight))
     vision = vision_info(ckpt.get("vision", {})) if ckpt else {"random": None}
     meta = read_json(data_dir / "meta.json")
-    logs = select_logs(out_dir, ckpt.get("lm", {}).get("hidden_size") if ckpt else None, mean is not None)
+    logs = select_logs(out_dir, ckpt.get("lm", {}).get("hidden_size") if ckpt else None,
+                       ("", "_mean") if mean is not None else ("",))
 
     metrics = build_metrics(temporal, mean, preds_t, preds_m, times, ckpt, vision)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
