@@ -233,6 +233,13 @@ def test_source_fields_are_kept(tmp_path):
     assert [r["source"] for r in share] == ["panda_videos_16", "ego4d_videos_1"]
 
 
+class StandInCache(dict):
+    """Stands in for a FeatureCache: cached CLIP features by media path, without frame times."""
+
+    def get_times(self, key):
+        return None
+
+
 @pytest.mark.parametrize("fmt", sorted(FIXTURES))
 def test_converted_output_loads_and_round_trips_the_text(tmp_path, fmt, tokenizer):
     records, _ = convert(tmp_path, fmt)
@@ -242,7 +249,7 @@ def test_converted_output_loads_and_round_trips_the_text(tmp_path, fmt, tokenize
     chat = ChatEncoder(tokenizer, 2)
     media = {p for r in records for kind in ("video", "image") for p in
              ([r[kind]] if isinstance(r.get(kind), str) else r.get(kind, []))}
-    cache = {p: torch.zeros(4, 8) for p in media}   # stands in for cached CLIP features
+    cache = StandInCache({p: torch.zeros(4, 8) for p in media})
     data = ConversationDataset(out, chat, num_frames=4, max_len=512, cache=cache)
     for i, (_, kind, source, users, answers, _) in enumerate(EXPECTED[fmt]):
         item = data[i]
@@ -410,7 +417,7 @@ def test_nextqa_references_mapping_and_missing_columns(tmp_path, tokenizer):
     out.parent.mkdir()
     out.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     data = ConversationDataset(out, ChatEncoder(tokenizer, 2), num_frames=4, max_len=512, for_generation=True,
-                               cache={r["video"]: torch.zeros(4, 8) for r in records})
+                               cache=StandInCache({r["video"]: torch.zeros(4, 8) for r in records}))
     assert data[0]["references"] == ["(B) to get the ball", "B", "to get the ball"]
     records, counts = convert(tmp_path, "nextqa", nextqa_mapping={"2440175990": "0000/2440175990"})
     assert counts["unknown_video_id"] == 1 and len(records) == 1
