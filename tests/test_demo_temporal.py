@@ -147,7 +147,7 @@ def test_demo_temporal_end_to_end_at_toy_sizes(tmp_path):
     env = {**os.environ, "N_VIDEOS": "6", "N_TEST": "3", "MAX_SECONDS": "8", "VIDEO_SIZE": "32",
            "CLIP_MODEL": "ViT-Tiny-16", "CLIP_SIZE": "32", "FRAME_CAP": "8", "K": "2", "DIM": "32",
            "SUMMARY_DIM": "32", "LAYERS": "1", "VOCAB": "512", "BS": "8", "PRE_EPOCHS": "1", "VID_EPOCHS": "1",
-           "OUT_DIR": str(out), "DATA_DIR": str(data)}
+           "OUT_DIR": str(out), "DATA_DIR": str(data), "TOWER_FILE": str(tmp_path / "tower.safetensors")}
     run = subprocess.run(["bash", "scripts/demo_temporal.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -21,7 +21,7 @@ TRAIN_SEED=${TRAIN_SEED:-42}
 VAL_EVERY=${VAL_EVERY:-50}
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:-}  # appended to every training command, e.g. "--warmup_steps 50"
 
-VISION="model/vision_model/${CLIP_MODEL}-${CLIP_SIZE}-random-seed${VISION_SEED}.safetensors"
+VISION=${TOWER_FILE:-"model/vision_model/${CLIP_MODEL}-${CLIP_SIZE}-random-seed${VISION_SEED}.safetensors"}   # the random tower file (made if missing)
 LM_FLAGS=(--hidden_size "$DIM" --num_layers "$LAYERS" --num_heads "$HEADS" --num_kv_heads "$KV" --vocab_size "$VOCAB")
 TOWER_FLAGS=(--clip_model "$CLIP_MODEL" --clip_image_size "$CLIP_SIZE")
 COMMON=(--no_progress --val_every "$VAL_EVERY" --batch_size "$BS" --seed "$TRAIN_SEED" --clip_pretrained "$VISION")
