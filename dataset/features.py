@@ -57,7 +57,7 @@ def open_cache(data_dir, cfg, feature_dir=None):
         return None
     folder = Path(feature_dir) if feature_dir else cache_folder(data_dir, cfg)
     cache = FeatureCache(folder) if manifests(folder) else None
-    if cache is not None and getattr(cfg, "time_encoding", "index") == "seconds" and not cache.has_times():
+    if cache is not None and cfg.reads_frame_times and not cache.has_times():
         print(f"note: {folder}: features cached without frame times, which this model reads; CLIP runs "
               f"online (scripts/extract_features.py writes a cache with times)", file=sys.stderr)
         return None
@@ -105,15 +105,19 @@ class FeatureCache:
 
     def has_times(self) -> bool:
         """Whether this cache keeps the frame times of every media (caches written before they were kept do not)."""
+        return self.timed_keys() == set(self.index)
+
+    def timed_keys(self) -> set:
+        """The media whose frame times are cached beside their features."""
         by_shard = {}
         for key, name in self.index.items():
             by_shard.setdefault(name, []).append(key)
+        timed = set()
         for name, keys in by_shard.items():
             self._shard(keys[0])
             stored = set(self._open[name].keys())
-            if any(TIMES + key not in stored for key in keys):
-                return False
-        return bool(self.index)
+            timed.update(key for key in keys if TIMES + key in stored)
+        return timed
 
     def get_times(self, key):
         """(frame times (T,), duration) in seconds, or None when not cached or cached without times."""
@@ -155,11 +159,12 @@ class FeatureWriter:
         self.pending, self.pending_media = {}, 0
 
     def add(self, key: str, features: torch.Tensor, times=None, duration: float = 0.0):
-        """Cache one media's features (T, d) and, if given, its frame times (T,) and duration in seconds."""
+        """Cache one media's features (T, d) and, if given and known (finite), its frame times (T,) and
+        duration in seconds."""
         if key.startswith(TIMES):
             raise ValueError(f"{key}: media paths may not start with {TIMES!r}")
         self.pending[key] = features.to(torch.float16).contiguous().cpu()
-        if times is not None:
+        if times is not None and bool(torch.isfinite(torch.as_tensor(times, dtype=torch.float32)).all()):
             clock = torch.cat([torch.as_tensor(times, dtype=torch.float32).flatten(), torch.tensor([float(duration)])])
             self.pending[TIMES + key] = clock
         self.pending_media += 1

@@ -189,26 +189,37 @@ class Clip:
     duration: float
 
 
-def frame_times(reader, total: int, path) -> np.ndarray:
+def frame_times(reader, total: int, path, required: bool) -> np.ndarray:
     """(total, 2) start/end seconds of every frame: the times the file stores (so a variable-frame-rate
-    clip keeps its real clock), or, where it stores none, a constant rate from its average fps."""
+    clip keeps its real clock), or, where it stores none or unusable ones, a constant rate from its
+    average fps. When even that is unknown: MediaError if the clock is `required` (fps sampling, a model
+    that reads frame times), else NaN, which nothing downstream then reads."""
     stored = np.asarray(reader.get_frame_timestamp(list(range(total))), dtype=np.float64)
+    problem = None
     if stored[-1, 1] > 0:
         backwards = np.flatnonzero(np.diff(stored[:, 0]) < 0)
-        if len(backwards):
-            raise MediaError(f"{path}: frame times go backwards at frame {backwards[0] + 1} "
-                             f"({stored[backwards[0], 0]:.3f} s, then {stored[backwards[0] + 1, 0]:.3f} s)")
-        return stored
+        if not np.isfinite(stored).all():
+            problem = "frame times are not all numbers"
+        elif len(backwards):
+            problem = (f"frame times go backwards at frame {backwards[0] + 1} "
+                       f"({stored[backwards[0], 0]:.3f} s, then {stored[backwards[0] + 1, 0]:.3f} s)")
+        else:
+            return stored
+        if required:
+            raise MediaError(f"{path}: {problem}")
     native_fps = reader.get_avg_fps()
-    if not native_fps > 0:
-        raise MediaError(f"{path}: frame times unknown (no stored timestamps, no frame rate)")
-    starts = np.arange(total) / native_fps
-    return np.stack([starts, starts + 1 / native_fps], axis=1)
+    if native_fps > 0:
+        starts = np.arange(total) / native_fps
+        return np.stack([starts, starts + 1 / native_fps], axis=1)
+    if required:
+        raise MediaError(f"{path}: {problem or 'frame times unknown (no stored timestamps, no frame rate)'}")
+    return np.full((total, 2), np.nan)
 
 
-def read_clip(path, kind: str, num_frames: int, fps=None) -> Clip:
+def read_clip(path, kind: str, num_frames: int, fps=None, need_times=False) -> Clip:
     """A video sampled to num_frames (uniform over the whole clip, or at `fps`: see sample_frames) with
-    each frame's time; an image as a 1-frame clip at 0 s. MediaError names the file if it is unusable.
+    each frame's time; an image as a 1-frame clip at 0 s. MediaError names the file if it is unusable,
+    or if its clock is (see frame_times) and fps sampling or need_times asks for it.
 
     Frames larger than MAX_VIDEO_PIXELS come back scaled down (decoded that way, so memory stays bounded).
     """
@@ -224,7 +235,7 @@ def read_clip(path, kind: str, num_frames: int, fps=None) -> Clip:
         total = len(reader)
         if total == 0:
             raise MediaError(f"{path}: video has no frames")
-        times = frame_times(reader, total, path)
+        times = frame_times(reader, total, path, required=fps is not None or need_times)
         indices = sample_frames(total, 0.0, num_frames, fps, times)
         pixels = None
         if width < 0 and total >= SPARSE_SAMPLING * len(set(indices.tolist())):   # huge frames: decord scales them

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset.metrics import DURATION_BUCKETS
+from dataset.metrics import duration_bucket
 from dataset.synthetic import (COLOURS, PATH_END, PATH_START, SHAPES, blank_canvas, held_out_is_learnable, item_rng,
                                pick, pick_codec, pixel_grid, run_tasks, shape_mask, with_article, write_jsonl, write_mp4)
 from dataset.timespan import format_span, format_time
@@ -963,10 +963,6 @@ def build_splits(seed, train, test) -> dict:
     for video in test:
         test_lines += test_records(seed, video.index, video.scene, video.original)
     return {"pretrain": pretrain, "sft_video": sft_video, "test": test_lines}
-
-
-def duration_bucket(seconds: float) -> str:
-    return next(name for name, low, high in DURATION_BUCKETS if low <= seconds < high)
 
 
 def tally(values) -> dict:

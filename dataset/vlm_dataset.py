@@ -78,7 +78,7 @@ class ConversationDataset(Dataset):
     """
 
     def __init__(self, jsonl_path, chat, num_frames: int, max_len: int, media_root=None,
-                 cache=None, preprocess=None, for_generation=False, strict=False, fps=None):
+                 cache=None, preprocess=None, for_generation=False, strict=False, fps=None, need_times=False):
         self.path = str(jsonl_path)
         self.rows = read_jsonl(jsonl_path)
         self.chat, self.num_frames, self.max_len = chat, num_frames, max_len
@@ -86,6 +86,7 @@ class ConversationDataset(Dataset):
         self.media_root = Path(media_root) if media_root else Path(jsonl_path).parent
         self.cache, self.preprocess = cache, preprocess
         self.for_generation, self.strict = for_generation, strict
+        self.need_times = need_times   # the model reads frame times: a media without a clock is unusable
 
     def __len__(self):
         return len(self.rows)
@@ -160,11 +161,13 @@ class ConversationDataset(Dataset):
             cached = self.cache.get(rel) if self.cache is not None else None
             if cached is not None:
                 clock = self.cache.get_times(rel)
+                if self.need_times and (clock is None or not bool(torch.isfinite(clock[0]).all())):
+                    raise BadSample(f"{rel}: cached without frame times, which this model reads")
                 media.append(MediaEntry("features", cached, None if clock is None else clock[0]))
                 continue
             if self.preprocess is None:
                 raise BadSample(f"{rel}: not in the feature cache and no encoder to compute it")
-            clip = read_clip(self.media_root / rel, kind, self.num_frames, self.fps)
+            clip = read_clip(self.media_root / rel, kind, self.num_frames, self.fps, self.need_times)
             media.append(MediaEntry("clip_inputs", self.preprocess(clip.pixels), torch.from_numpy(clip.times)))
         return media
 

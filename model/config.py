@@ -35,6 +35,11 @@ class VisionConfig:
     summary_heads: int = 4
     vision_token_id: int = 3         # the tokenizer's <|vision_pad|> id: slots the visual tokens fill
 
+    @property
+    def reads_frame_times(self) -> bool:
+        """Whether the model reads each frame's time in seconds (so media without a clock cannot be used)."""
+        return self.summary == "temporal" and self.time_encoding == "seconds"
+
 
 def config_to_dict(cfg) -> dict:
     return asdict(cfg)

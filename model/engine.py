@@ -166,7 +166,7 @@ class Engine:
         if kind not in MEDIA_KINDS:
             raise EngineError(f"{path}: media kind {kind!r}, expected one of {', '.join(MEDIA_KINDS)}")
         cfg = self.model.vision_cfg
-        clip = read_clip(path, kind, cfg.num_frames, sampling_rate(cfg))
+        clip = read_clip(path, kind, cfg.num_frames, sampling_rate(cfg), cfg.reads_frame_times)
         return clip.pixels, MediaEntry("features", self.encoder.encode(clip.pixels), torch.from_numpy(clip.times))
 
     # ------------------------------------------------------------ answering
@@ -182,7 +182,7 @@ class Engine:
         if len(kinds) != len(media):
             raise EngineError(f"conversation: {len(kinds)} <video>/<image> marker(s) for {len(media)} media item(s)")
         for i, item in enumerate(media):
-            self._check_features(i, seen_entry(item).values)
+            self._check_features(i, seen_entry(item))
         return ids
 
     def reply(self, conversation, media=(), options=SamplingOptions(), stream=None) -> str:
@@ -221,8 +221,11 @@ class Engine:
             push(stream, shown, answers[0].text)
         return [a.text.strip() for a in answers]
 
-    def _check_features(self, i, features):
-        cfg = self.model.vision_cfg
+    def _check_features(self, i, entry: MediaEntry):
+        cfg, features = self.model.vision_cfg, entry.values
+        if cfg.reads_frame_times and (entry.times is None or not bool(torch.isfinite(entry.times).all())):
+            raise EngineError(f"media item {i}: this model reads each frame's time in seconds, and they are "
+                              f"not known (pass what read_media returns, not bare features)")
         if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[-1] != cfg.clip_dim:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise EngineError(f"media item {i}: expected CLIP features (frames, {cfg.clip_dim}), got {shape}")
@@ -271,7 +274,7 @@ class Engine:
         data_dir = Path(media_root) if media_root else Path(data_path).parent
         data = ConversationDataset(data_path, self.chat, cfg.num_frames, self.max_seq_len, media_root=media_root,
                                    cache=open_cache(data_dir, cfg, feature_dir), for_generation=True,
-                                   fps=sampling_rate(cfg))
+                                   fps=sampling_rate(cfg), need_times=cfg.reads_frame_times)
         encoder = self.encoder if data.uncached() else None
         if encoder:
             data.preprocess = encoder.clip_inputs   # pixels are decoded and transformed in the loader's workers

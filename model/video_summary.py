@@ -104,8 +104,7 @@ class TemporalSummary(nn.Module):
         T = frame_mask.shape[1]
         if hasattr(self, "seconds_embed"):
             if frame_times is None or bool(torch.isnan(frame_times[frame_mask]).any()):
-                raise ValueError("this model reads each frame's time in seconds, and some are unknown "
-                                 "(features cached without times: run scripts/extract_features.py again)")
+                raise ValueError("this model reads each frame's time in seconds, and some are unknown")
             return self.seconds_embed(torch.nan_to_num(frame_times))
         if T > self.time_embed.shape[0]:
             raise ValueError(f"{T} frames but the model was built for {self.time_embed.shape[0]}")

@@ -146,9 +146,10 @@ def main(argv=None):
         import torch.distributed as dist
         dist.init_process_group("gloo")   # only for the barrier before rank 0 merges
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    # Each part takes every world-th media of the full list, then drops what is cached already, so a
-    # rerun (even with another --world_size) does only what is missing.
-    cached = FeatureCache(folder)
+    # Each part takes every world-th media of the full list, then drops what is cached already (with
+    # its frame times: a cache from before they were kept gains them), so a rerun (even with another
+    # --world_size) does only what is missing.
+    cached = FeatureCache(folder).timed_keys()
     todo = [item for item in collect_media(args.data)[rank::world] if item[1] not in cached]
     try:
         encoder = FrameEncoder(cfg, device)

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import _repo  # noqa: F401  (puts the repository root on sys.path)
+from dataset.timespan import parse_span
 from report import (checkpoint_info, find_checkpoint, pct, plot_loss_curves, read_json, read_jsonl, section_model, section_reproduce,
                     section_runs, section_time, select_logs, table, vision_info)
 from visualize import pyplot
@@ -50,7 +52,7 @@ def build_metrics(runs: dict, times, ckpt, vision, settings) -> dict:
 # ---------------------------------------------------------------- timeline picture
 
 def parse_prediction_span(text):
-    from dataset.timespan import parse_span
+    """The span in an answer; None for no answer (an ablation that skipped the record) or no span."""
     return parse_span(text or "")
 
 

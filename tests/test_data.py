@@ -309,3 +309,18 @@ def test_a_model_that_reads_times_does_not_use_a_cache_without_them(tmp_path, vi
     timed.flush()
     cache = open_cache(tmp_path, seconds, feature_dir=str(tmp_path / "timed"))
     assert cache is not None and cache.get_times(VIDEO)[1] == 2.0
+
+
+def test_rerunning_extraction_gives_an_old_cache_its_frame_times(tmp_path, synthetic, vision_file):
+    import extract_features
+    from conftest import CLIP_MODEL, CLIP_SIZE
+    folder = tmp_path / "cache"
+    old = FeatureWriter(folder)
+    old.add(VIDEO, torch.ones(4, 8))   # as caches were written before frame times were kept
+    old.flush()
+    data = write_jsonl(tmp_path / "data.jsonl", [record(VIDEO)])
+    extract_features.main(["--data", str(data), "--media_root", str(synthetic), "--clip_model", CLIP_MODEL,
+                           "--clip_image_size", str(CLIP_SIZE), "--clip_pretrained", str(vision_file),
+                           "--num_frames", "4", "--out", str(folder), "--num_workers", "0"])
+    cache = FeatureCache(folder)
+    assert cache.has_times() and cache.get_times(VIDEO)[0].tolist() == [0.25, 0.75, 1.25, 1.75]

@@ -151,3 +151,13 @@ def test_input_the_engine_cannot_use_is_an_engine_error(engine, tmp_path):
     with pytest.raises(EngineError):
         Engine.load()
     assert EngineError in INPUT_ERRORS
+
+
+def test_a_model_that_reads_seconds_refuses_media_without_times_in_one_line(tokenizer, vocab_size):
+    from dataset.vlm_dataset import MediaEntry
+    model = tiny_vlm(vocab_size=vocab_size, clip_dim=CLIP_DIM, num_frames=FRAMES, time_encoding="seconds")
+    engine = Engine(model, tokenizer)
+    with pytest.raises(EngineError, match="time in seconds"):
+        engine.reply(ask("When?"), [features(0)], GREEDY)   # bare features: no clock
+    timed = MediaEntry("features", features(0), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    assert isinstance(engine.reply(ask("When?"), [timed], SamplingOptions(max_new_tokens=2)), str)

@@ -220,16 +220,32 @@ def test_an_image_is_a_one_frame_clip_at_zero_seconds(synthetic):
     assert clip.pixels.shape[0] == 1 and clip.times.tolist() == [0.0] and clip.duration == 0.0
 
 
-def test_frame_times_that_go_backwards_are_refused_in_one_line(tmp_path, monkeypatch):
+def test_frame_times_that_go_backwards_are_refused_where_the_clock_is_needed(tmp_path, monkeypatch):
     path = tmp_path / "clip.mp4"
     write_clip(path, first_available(*H264, *MPEG4), 32, 32)
     import decord
-    starts = np.array([0.0, 0.1, 0.2, 0.15] + [0.3 + 0.1 * i for i in range(28)])
+    starts = np.array([0.0, 0.1, 0.2, 0.15] + [0.3 + 0.1 * i for i in range(CLIP_FRAMES - 4)])
     monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp",
                         lambda self, idx: np.stack([starts[idx], starts[idx] + 0.1], axis=1))
     with pytest.raises(MediaError, match=r"clip.mp4: frame times go backwards at frame 3") as error:
-        read_clip(path, "video", 4)
+        read_clip(path, "video", 4, need_times=True)
     assert "\n" not in str(error.value)
+    with pytest.raises(MediaError, match="go backwards"):
+        read_clip(path, "video", 4, fps=2)   # fps sampling needs the clock too
+    # Uniform sampling for a model that reads no times: the average rate stands in, as for missing times.
+    rate = decord.VideoReader(str(path)).get_avg_fps()
+    np.testing.assert_allclose(read_clip(path, "video", 4).times, uniform_indices(CLIP_FRAMES, 4) / rate, atol=1e-4)
+
+
+def test_without_any_clock_only_a_reader_that_needs_one_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "clip.mp4"
+    write_clip(path, first_available(*H264, *MPEG4), 32, 32)
+    import decord
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp", lambda self, idx: np.zeros((len(idx), 2)))
+    monkeypatch.setattr(decord.VideoReader, "get_avg_fps", lambda self: 0.0)
+    assert np.isnan(read_clip(path, "video", 4).times).all()
+    with pytest.raises(MediaError, match="frame times unknown"):
+        read_clip(path, "video", 4, need_times=True)
 
 
 def test_without_stored_times_a_clip_is_timed_by_its_average_rate(tmp_path, monkeypatch):

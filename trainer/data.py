@@ -19,8 +19,8 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
     """
     data_dir = Path(args.media_root) if args.media_root else Path(args.data_path).parent
     cache = open_cache(data_dir, cfg, args.feature_dir)
-    common = dict(chat=chat, num_frames=cfg.num_frames, max_len=args.max_len,
-                  media_root=args.media_root, cache=cache, fps=sampling_rate(cfg))
+    common = dict(chat=chat, num_frames=cfg.num_frames, max_len=args.max_len, media_root=args.media_root,
+                  cache=cache, fps=sampling_rate(cfg), need_times=cfg.reads_frame_times)
     train = ConversationDataset(args.data_path, **common)
     if args.val_path:
         val = ConversationDataset(args.val_path, **common)
