@@ -237,3 +237,35 @@ def test_too_many_non_finite_losses_in_a_row_stop_the_run_with_one_line(syntheti
     assert code == 1 and len(errors) == 1
     assert errors[0].startswith("error: loss or gradient was not finite for 3 steps in a row")
     assert not (tmp_path / "sft_video_32.safetensors").exists()
+
+
+def test_a_seconds_model_skips_and_counts_a_video_whose_times_go_backwards(synthetic, fresh_flags, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A model that reads frame times cannot use a video whose clock runs backwards: skipped and counted,
+    in training (in-process, so the decoder can be made to report such times for one file)."""
+    import decord
+    bad = "videos/v00001.mp4"
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(record(f"videos/v0000{i}.mp4") + "\n" for i in range(4)))
+    honest = decord.VideoReader.get_frame_timestamp
+    opened = {}
+    real_init = decord.VideoReader.__init__
+
+    def remember(self, path, *args, **kw):
+        opened[id(self)] = str(path)
+        real_init(self, path, *args, **kw)
+
+    def backwards_for_one_file(self, idx):
+        times = honest(self, idx)
+        if opened.get(id(self), "").endswith(bad):
+            times = times[::-1].copy()
+        return times
+    monkeypatch.setattr(decord.VideoReader, "__init__", remember)
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp", backwards_for_one_file)
+    code, out, err = train(monkeypatch, capsys, f"--data_path={data}", f"--val_path={data}", f"--media_root={synthetic}",
+                           *fresh_flags, "--time_encoding=seconds", "--feature_dir=none", "--max_steps=1",
+                           f"--out_dir={tmp_path}")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipped")]
+    assert warnings and all(bad in w and "frame times go backwards" in w for w in warnings), warnings
+    assert json.loads((tmp_path / "logs" / "sft_video_32.metrics.json").read_text())["skipped"] >= 1
