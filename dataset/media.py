@@ -303,8 +303,3 @@ def probe_media(path, kind: str) -> None:
     except Exception as e:
         reason = frameless(path) if kind == "video" else None
         raise MediaError(f"{path}: {reason or f'cannot open {kind} ({decoder_message(e)})'}") from None
-
-
-def read_media(path, kind: str, num_frames: int, fps=None) -> np.ndarray:
-    """The pixels of read_clip: uint8 (T, H, W, 3), T = num_frames for a video, 1 for an image."""
-    return read_clip(path, kind, num_frames, fps).pixels

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.converters import rebase_media_path
-from dataset.media import MediaError, probe_media, read_media
+from dataset.media import MediaError, probe_media, read_clip
 from dataset.vlm_dataset import media_pools, read_jsonl
 from model.chat import MEDIA_MARKER, BadSample, ChatEncoder, check_turns, load_tokenizer, marker_kinds
 
@@ -60,7 +60,7 @@ def check_one(task):
         elif level == "quick":
             probe_media(path, kind)
         else:
-            read_media(path, kind, num_frames)
+            read_clip(path, kind, num_frames)
     except MediaError as e:
         return "media_unreadable", str(e)
     return None

@@ -9,6 +9,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,9 @@ def temporal_accuracy(preds):
     return round(sum(bool(p["correct"]) for p in rows) / len(rows), 4) if rows else None
 
 
-def category_counts(preds):
-    counts = {}
-    for p in preds:
-        counts[p.get("category")] = counts.get(p.get("category"), 0) + 1
-    return counts
+def count_by(preds, field, bucket=lambda v: v) -> Counter:
+    """How many predictions fall in each bucket of `field` (those without the field are left out)."""
+    return Counter(bucket(p[field]) for p in preds if p.get(field) is not None)
 
 
 # ---------------------------------------------------------------- metrics.json
@@ -180,7 +179,7 @@ def human(n):
 
 
 def section_results(temporal, mean, preds_t, preds_m):
-    counts = category_counts(preds_t)
+    counts = count_by(preds_t, "category")
     cats = sorted(set(temporal.get("by_category", {})) | set((mean or {}).get("by_category", {})),
                   key=lambda c: (CATEGORY_ORDER.index(c) if c in CATEGORY_ORDER else len(CATEGORY_ORDER), c))
     header = ["category", "n", "temporal (model)"] + (["mean (ablation)"] if mean else [])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.timespan import parse_span
-from report import (checkpoint_info, find_checkpoint, pct, plot_loss_curves, read_json, read_jsonl, section_model, section_reproduce,
+from report import (checkpoint_info, count_by, find_checkpoint, pct, plot_loss_curves, read_json, read_jsonl, section_model, section_reproduce,
                     section_runs, section_time, select_logs, table, vision_info)
 from visualize import pyplot
 
@@ -115,15 +115,6 @@ def keyed_table(first, keys, columns, counts, pick, fmt=pct):
     """A table of keys × runs: `pick(metrics)` is the run's {key: value}."""
     rows = [[key, counts.get(key, "–")] + [fmt((pick(m) or {}).get(key)) for _, m in columns] for key in keys]
     return table([first, "n"] + [title for title, _ in columns], rows)
-
-
-def count_by(preds, field, bucket=lambda v: v):
-    counts = {}
-    for p in preds:
-        if p.get(field) is not None:
-            key = bucket(p[field])
-            counts[key] = counts.get(key, 0) + 1
-    return counts
 
 
 def ordered(keys, order):
