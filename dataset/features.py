@@ -101,7 +101,7 @@ class FeatureCache:
 
     def get(self, key):
         shard = self._shard(key)
-        return None if shard is None else shard.get_tensor(key)
+        return None if shard is None else shard[0].get_tensor(key)
 
     def has_times(self) -> bool:
         """Whether this cache keeps the frame times of every media (caches written before they were kept do not)."""
@@ -114,25 +114,27 @@ class FeatureCache:
             by_shard.setdefault(name, []).append(key)
         timed = set()
         for name, keys in by_shard.items():
-            self._shard(keys[0])
-            stored = set(self._open[name].keys())
+            stored = self._shard(keys[0])[1]
             timed.update(key for key in keys if TIMES + key in stored)
         return timed
 
     def get_times(self, key):
         """(frame times (T,), duration) in seconds, or None when not cached or cached without times."""
         shard = self._shard(key)
-        if shard is None or TIMES + key not in shard.keys():
+        if shard is None or TIMES + key not in shard[1]:
             return None
-        clock = shard.get_tensor(TIMES + key)
+        clock = shard[0].get_tensor(TIMES + key)
         return clock[:-1], float(clock[-1])
 
     def _shard(self, key):
+        """(open handle, set of its tensor names) of the shard holding `key`, or None; the names are read
+        once, since looking one up is on every sample's path."""
         name = self.index.get(key)
         if name is None:
             return None
         if name not in self._open:   # opened lazily: a DataLoader worker opens its own handles
-            self._open[name] = safe_open(str(self.folder / name), "pt")
+            handle = safe_open(str(self.folder / name), "pt")
+            self._open[name] = (handle, set(handle.keys()))
         return self._open[name]
 
     def __getstate__(self):   # handles do not cross process boundaries
