@@ -35,14 +35,13 @@ def uniform_indices(total: int, num: int) -> np.ndarray:
 
 
 def sample_frames(total: int, native_fps: float, num_frames: int, fps=None, times=None) -> np.ndarray:
-    """Exactly `num_frames` frame indices, in order.
+    """Frame indices, in order.
 
-    fps=None: uniform over the clip (uniform_indices). fps set: the frame on screen at t = 0,
-    1/fps, 2/fps, ... seconds, each frame at most once (never faster than the clip's own rate);
-    when that gives more than num_frames, the cap binds and the frames are spread uniformly over
-    the whole clip instead. A clip too short to give num_frames at that rate has those frames
-    repeated in order, spread over the num_frames slots as uniform_indices spreads a short clip,
-    because VideoSummary and the feature cache use a fixed T.
+    fps=None: exactly num_frames, uniform over the clip (uniform_indices). fps set: the frame on screen
+    at t = 0, 1/fps, 2/fps, ... seconds, each frame at most once (never faster than the clip's own
+    rate), so a short clip gives fewer frames than a long one (batches pad them, with a mask); when
+    that gives more than num_frames, the cap binds and num_frames are spread uniformly over the whole
+    clip instead.
     times: (total, 2) start/end seconds of each frame as the file stores them (decord's
     get_frame_timestamp), so a variable-frame-rate clip is sampled by its real clock; without
     them the clip is taken to run at a constant native_fps.
@@ -61,9 +60,7 @@ def sample_frames(total: int, native_fps: float, num_frames: int, fps=None, time
     clock = np.arange(int(np.ceil((duration - TIME_SLACK_S) * fps))) / fps
     on_screen = np.searchsorted(starts, clock + TIME_SLACK_S, side="right") - 1
     at_rate = np.unique(on_screen.clip(0, total - 1))
-    if len(at_rate) > num_frames:
-        return uniform_indices(total, num_frames)
-    return at_rate[uniform_indices(len(at_rate), num_frames)]
+    return uniform_indices(total, num_frames) if len(at_rate) > num_frames else at_rate
 
 
 def sampling_rate(cfg):

@@ -9,9 +9,10 @@ never overlap) and a timeline of events that never overlap in time:
   hop      it jumps up and back down N times      turn    it changes colour
   needle   in some long videos, an object shown for only 1-2 s at a random time
 
-Times. Frame i is at i / fps seconds; every event starts and ends on a grid of 0.5 s (1 s for odd
-frame rates, twice that before a 2x speed-up), and a video has grid * k + 1 frames, so reversing or
-speeding up a clip keeps every event on the grid. A span is [time of the event's first frame, time
+Times. Frame i is at i / fps seconds; every event starts and ends on a grid of whole seconds (2 s
+before a 2x speed-up), and a video has grid * k + 1 frames, so reversing or speeding up a clip keeps
+every event on the grid, and sampling one frame a second sees every event's first and last frame (a
+bounce or hop leg lasts at least a second, so that rate never aliases a repetition away). A span is [time of the event's first frame, time
 of its last frame]: for a move, the frames where the object leaves its start and reaches its end.
 
 Question kinds (the record's `category`) and their answer formats:
@@ -71,6 +72,7 @@ HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 HELD_OUT_PHRASING_PROBABILITY = 0.5
 MAX_SCENE_TRIES = 500
+LENGTHEN_EVERY = 50   # failed draws before a scene gets one grid step longer
 # A constant quantiser: x264's crf mode gives slightly different pixels from run to run.
 REPRODUCIBLE_X264 = {"qp": "18", "preset": "veryfast"}
 
@@ -270,8 +272,8 @@ def scene_combos(scene: Scene) -> set:
 
 
 def base_grid(fps: int) -> int:
-    """Frames per grid step: 0.5 s, or 1 s where fps is odd, so times stay exact at one decimal."""
-    return fps // 2 if fps % 2 == 0 else fps
+    """Frames per grid step: one second."""
+    return fps
 
 
 def steps_for_seconds(rng, fps, grid, low, high) -> int:
@@ -299,7 +301,7 @@ def bounce_step(rng, index, actor, state) -> PlanStep:
 
 def hop_step(rng, index, actor, state) -> PlanStep:
     count = int(rng.integers(1, MAX_REPEATS + 1))
-    leg = actor.speed // 2 + 1
+    leg = max(1, actor.speed // 2)   # a second or two up, as long down: one frame a second sees every hop
     path = (1.0,) + (0.0, 1.0) * count   # bottom lane -> top lane -> back
     return PlanStep("hop", index, state.colour, path, (leg,) * (2 * count), count)
 
@@ -453,7 +455,10 @@ def make_scene(name, rng, settings: Settings, seconds_range, allowed, target=Non
     low, high = seconds_range
     grid = base_grid(settings.fps) * (2 if pair == "sped_up" else 1)
     total_steps = steps_for_seconds(rng, settings.fps, grid, 2 * low if pair == "sped_up" else low, high)
-    for _ in range(MAX_SCENE_TRIES):
+    longest = max(total_steps, math.floor((high * settings.fps - 1) / grid))
+    for attempt in range(MAX_SCENE_TRIES):
+        if attempt and attempt % LENGTHEN_EVERY == 0:   # too short for what it must hold: a second longer
+            total_steps = min(total_steps + 1, longest)
         scene = replace(draw_scene(name, rng, settings, total_steps, grid, allowed, target), pair=pair)
         if scene.events and (target is None or target in scene_combos(scene)) and (not pair or pair_keys(scene)):
             return scene

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from dataset.media import MediaError, read_clip
 from dataset.metrics import PHRASINGS
-from model.chat import IGNORE, BadSample
+from model.chat import IGNORE, BadSample, check_turns, marker_kinds
 
 
 class MediaEntry(NamedTuple):
@@ -78,7 +78,8 @@ class ConversationDataset(Dataset):
     """
 
     def __init__(self, jsonl_path, chat, num_frames: int, max_len: int, media_root=None,
-                 cache=None, preprocess=None, for_generation=False, strict=False, fps=None, need_times=False):
+                 cache=None, preprocess=None, for_generation=False, strict=False, fps=None, need_times=False,
+                 slot_count=None):
         self.path = str(jsonl_path)
         self.rows = read_jsonl(jsonl_path)
         self.chat, self.num_frames, self.max_len = chat, num_frames, max_len
@@ -87,6 +88,8 @@ class ConversationDataset(Dataset):
         self.cache, self.preprocess = cache, preprocess
         self.for_generation, self.strict = for_generation, strict
         self.need_times = need_times   # the model reads frame times: a media without a clock is unusable
+        # slot_count(n_frames, times) → a media's visual tokens, when they vary with its duration (else K each)
+        self.slot_count = slot_count
 
     def __len__(self):
         return len(self.rows)
@@ -132,12 +135,15 @@ class ConversationDataset(Dataset):
                 raise BadSample("the last turn must be the assistant's reference answer")
             reference = conversations[-1].get("content", "")
             conversations = conversations[:-1]
-        ids, labels, kinds = self.chat.encode(conversations, add_generation_prompt=self.for_generation)
+        check_turns(conversations)
+        media = self._media(record, marker_kinds(conversations))   # first: a media's slots may follow its duration
+        counts = None if self.slot_count is None else [self.slot_count(len(m.values), m.times) for m in media]
+        ids, labels, _ = self.chat.encode(conversations, add_generation_prompt=self.for_generation,
+                                          slot_counts=counts)
         if not self.for_generation and all(x == IGNORE for x in labels):
             raise BadSample("no assistant turn to learn from")
         if len(ids) > self.max_len:
             raise BadSample(f"{len(ids)} tokens, longer than max_len={self.max_len}")
-        media = self._media(record, kinds)
         item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "media": media,
                 "id": record.get("id", ""), "category": record.get("category", ""),
                 "subset": record.get("subset", "")}

@@ -1,4 +1,4 @@
-"""Chat format: conversations → token ids with assistant-only labels and K visual slots per media marker."""
+"""Chat format: conversations → token ids with assistant-only labels and visual slots per media marker."""
 import re
 
 IGNORE = -100
@@ -86,25 +86,31 @@ class ChatEncoder:
                 self._text_ids[s] = ids
         return list(ids)
 
-    def content(self, s: str, media_kinds: list) -> list:
-        """User text with each <video>/<image> marker replaced by K slots; records marker kinds."""
+    def content(self, s: str, media_kinds: list, slot_counts=None) -> list:
+        """User text with each <video>/<image> marker replaced by its slots (K, or the media's count in
+        slot_counts, in marker order); records marker kinds."""
         ids = []
         for piece in MEDIA_MARKER.split(s):
             if piece in ("<video>", "<image>"):
+                count = self.k if slot_counts is None else slot_counts[len(media_kinds)]
                 media_kinds.append(piece[1:-1])
-                ids += [self.vision_pad] * self.k
+                ids += [self.vision_pad] * count
             elif piece:
                 ids += self.text(piece)
         return ids
 
-    def encode(self, conversations: list, add_generation_prompt=False):
-        """→ (ids, labels, media_kinds). Labels cover each assistant answer and its <|im_end|>."""
+    def encode(self, conversations: list, add_generation_prompt=False, slot_counts=None):
+        """→ (ids, labels, media_kinds). Labels cover each assistant answer and its <|im_end|>.
+        slot_counts: the visual tokens of each marker's media, in order (default: K each)."""
         roles = check_turns(conversations)
+        if slot_counts is not None and len(slot_counts) != len(marker_kinds(conversations)):
+            raise BadSample(f"{len(marker_kinds(conversations))} <video>/<image> marker(s) for "
+                            f"{len(slot_counts)} media item(s)")
         ids, labels, kinds = [], [], []
         for turn, role in zip(conversations, roles):
             head = [self.im_start] + self.text(f"{role}\n")
             if role == "user":
-                body = self.content(turn["content"], kinds) + [self.im_end]
+                body = self.content(turn["content"], kinds, slot_counts) + [self.im_end]
                 body_labels = [IGNORE] * len(body)
             else:
                 body = self.text(turn["content"]) + [self.im_end]

@@ -28,8 +28,10 @@ class VisionConfig:
     frame_sampling: str = "uniform"  # "uniform" over the clip, or "fps": sample_fps a second, at most num_frames
     sample_fps: float = 0.0          # the rate for "fps" sampling (dataset/media.py sample_frames)
     summary: str = "temporal"        # "temporal" (sees frame order) or "mean" (ablation)
-    time_encoding: str = "index"     # temporal summary: "index" (learned, per frame position) or "seconds" (absolute time)
-    num_visual_tokens: int = 8       # K tokens per image or video handed to the LM
+    time_encoding: str = "index"     # temporal summary: "index" (learned, per frame position), "seconds" (absolute
+                                     # time) or "none" (an ablation: token order only)
+    num_visual_tokens: int = 8       # K tokens per image or video handed to the LM (with segment_seconds: the cap)
+    segment_seconds: float = 0.0     # 0: K per media; > 0: 2 per time segment this long (the budget grows with duration)
     summary_dim: int = 256
     summary_layers: int = 2
     summary_heads: int = 4
@@ -37,8 +39,9 @@ class VisionConfig:
 
     @property
     def reads_frame_times(self) -> bool:
-        """Whether the model reads each frame's time in seconds (so media without a clock cannot be used)."""
-        return self.summary == "temporal" and self.time_encoding == "seconds"
+        """Whether the model reads each frame's time in seconds, to embed it or to cut time segments (so
+        media without a clock cannot be used)."""
+        return self.summary == "temporal" and self.time_encoding == "seconds" or self.segment_seconds > 0
 
 
 def config_to_dict(cfg) -> dict:

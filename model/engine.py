@@ -19,9 +19,10 @@ from dataset.features import open_cache
 from dataset.media import MediaError, read_clip, sampling_rate
 from dataset.metrics import GROUNDING_CATEGORIES, exact_match, grounding_score
 from dataset.vlm_dataset import ConversationDataset, MediaEntry, VisualInputs, collate, visual_inputs
-from model.chat import BadSample, ChatEncoder, TokenizerError, load_tokenizer
+from model.chat import BadSample, ChatEncoder, TokenizerError, check_turns, load_tokenizer, marker_kinds
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info
+from model.video_summary import media_slot_counter, visual_token_counts
 from model.vision import FrameEncoder, VisionWeightsError
 
 MEDIA_KINDS = ("video", "image")
@@ -174,16 +175,20 @@ class Engine:
     def prompt_ids(self, conversation, media=()) -> list:
         """The token ids the model reads to answer `conversation`, ending with the assistant prompt."""
         try:
-            ids, _, kinds = self.chat.encode(conversation, add_generation_prompt=True)
+            check_turns(conversation)
+            kinds = marker_kinds(conversation)
         except BadSample as e:
             raise EngineError(f"conversation: {e}") from None
         if conversation[-1]["role"] != "user":
             raise EngineError("conversation: the last turn must be the user's (the one to answer)")
         if len(kinds) != len(media):
             raise EngineError(f"conversation: {len(kinds)} <video>/<image> marker(s) for {len(media)} media item(s)")
-        for i, item in enumerate(media):
-            self._check_features(i, seen_entry(item))
-        return ids
+        entries = [seen_entry(item) for item in media]
+        for i, entry in enumerate(entries):
+            self._check_features(i, entry)
+        counter = media_slot_counter(self.model.vision_cfg)
+        counts = None if counter is None else [counter(len(e.values), e.times) for e in entries]
+        return self.chat.encode(conversation, add_generation_prompt=True, slot_counts=counts)[0]
 
     def reply(self, conversation, media=(), options=SamplingOptions(), stream=None) -> str:
         """The assistant's next answer to `conversation` (user/assistant turns, ending with the user's),
@@ -204,8 +209,8 @@ class Engine:
         slots filled from `visual` (features (N, T, d), frame_mask and frame_times (N, T); empty for
         text only); `stream(delta)` gets row 0's answer as it grows."""
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        self._check_prompt(ids, visual.features)
         visual = VisualInputs(*(None if t is None else t.to(self.device) for t in visual))
+        self._check_prompt(ids, visual)
         answers = [AnswerText(self.tokenizer, self.chat.im_end, options.stop) for _ in range(len(ids))]
         shown = ""
         steps = generate_tokens(self.model, ids, mask, visual, options, end_id=self.chat.im_end)
@@ -232,15 +237,16 @@ class Engine:
         if not 1 <= len(features) <= cfg.num_frames:
             raise EngineError(f"media item {i}: {len(features)} frames, the model takes 1 to {cfg.num_frames}")
 
-    def _check_prompt(self, ids, features):
+    def _check_prompt(self, ids, visual: VisualInputs):
         if ids.shape[1] + 1 > self.max_seq_len:
             raise EngineError(f"the prompt is {ids.shape[1]} tokens, longer than the model's context "
                               f"({self.max_seq_len}) leaves room for")
-        slots = int((ids == self.model.vision_cfg.vision_token_id).sum())
-        media = 0 if features is None else features.shape[0]
-        if slots != media * self.model.vision_cfg.num_visual_tokens:
-            raise EngineError(f"{slots} visual slots in the prompt for {media} media item(s) × "
-                              f"{self.model.vision_cfg.num_visual_tokens} tokens")
+        cfg = self.model.vision_cfg
+        slots = int((ids == cfg.vision_token_id).sum())
+        media = 0 if visual.features is None else visual.features.shape[0]
+        wanted = int(visual_token_counts(cfg, visual.frame_mask, visual.frame_times).sum()) if media else 0
+        if slots != wanted:
+            raise EngineError(f"{slots} visual slots in the prompt for {media} media item(s) with {wanted} visual tokens")
 
     # ------------------------------------------------------------ data files
 
@@ -274,7 +280,8 @@ class Engine:
         data_dir = Path(media_root) if media_root else Path(data_path).parent
         data = ConversationDataset(data_path, self.chat, cfg.num_frames, self.max_seq_len, media_root=media_root,
                                    cache=open_cache(data_dir, cfg, feature_dir), for_generation=True,
-                                   fps=sampling_rate(cfg), need_times=cfg.reads_frame_times)
+                                   fps=sampling_rate(cfg), need_times=cfg.reads_frame_times,
+                                   slot_count=media_slot_counter(cfg))
         encoder = self.encoder if data.uncached() else None
         if encoder:
             data.preprocess = encoder.clip_inputs   # pixels are decoded and transformed in the loader's workers

@@ -1,8 +1,10 @@
 """VideoSummary: per-frame CLIP features (N, T, d_clip) → K visual tokens (N, K, d), aware of frame order and time."""
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from model.config import VisionConfig
 from model.lm import Block, RMSNorm
@@ -31,7 +33,8 @@ class FeatureStandardiser(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-TIME_ENCODINGS = ("index", "seconds")
+TIME_ENCODINGS = ("index", "seconds", "none")
+TIME_SLACK = 1e-3   # frame times are stored rounded: a frame on a segment boundary falls in the later segment
 
 
 class SecondsEmbedding(nn.Module):
@@ -66,6 +69,58 @@ def segment_weights(frame_mask, k: int):
     return weights / weights.sum(-1, keepdim=True)
 
 
+def segment_plan(frame_mask, frame_times, seconds: float, max_segments: int):
+    """Each frame's time segment, (N, T) long, and the segments of each media, (N,).
+
+    Segments are `seconds` long from the first frame on, longer where a media would need more than
+    max_segments: the token budget grows with duration up to a cap. A media whose times are not all
+    known (NaN, or none given) is timed by frame index, one frame per segment.
+    """
+    N, T = frame_mask.shape
+    index_clock = (torch.arange(T, device=frame_mask.device) * seconds).expand(N, T)
+    if frame_times is None:
+        times = index_clock
+    else:
+        known = (torch.isfinite(frame_times) | ~frame_mask).all(1, keepdim=True)
+        times = torch.where(known, frame_times.float(), index_clock)
+    elapsed = torch.where(frame_mask, times - times[:, :1], torch.zeros_like(times)).clamp(min=0)
+    span = elapsed.amax(1, keepdim=True)
+    length = torch.maximum(torch.full_like(span, seconds), span / (max_segments - 1e-6))
+    segment = torch.floor(elapsed / length + TIME_SLACK).long().clamp(0, max_segments - 1)
+    segment = segment.masked_fill(~frame_mask, 0)
+    return segment, segment.amax(1) + 1
+
+
+def visual_token_counts(cfg: VisionConfig, frame_mask, frame_times=None):
+    """(N,) visual tokens of each media: num_visual_tokens, or with segment_seconds two per time segment
+    (appearance and motion), at most num_visual_tokens."""
+    if not cfg.segment_seconds:
+        return torch.full((frame_mask.shape[0],), cfg.num_visual_tokens, dtype=torch.long, device=frame_mask.device)
+    return 2 * segment_plan(frame_mask, frame_times, cfg.segment_seconds, cfg.num_visual_tokens // 2)[1]
+
+
+def media_token_count(cfg: VisionConfig, n_frames: int, times=None) -> int:
+    """The visual tokens (the text's slots) of one media of n_frames frames at `times` seconds (or unknown)."""
+    mask = torch.ones(1, n_frames, dtype=torch.bool)
+    return int(visual_token_counts(cfg, mask, None if times is None else torch.as_tensor(times).reshape(1, -1))[0])
+
+
+def media_slot_counter(cfg: VisionConfig):
+    """What the datasets and the engine call to size a media's slots, (n_frames, times) → tokens; None
+    when every media gets num_visual_tokens."""
+    return partial(media_token_count, cfg) if cfg.segment_seconds else None
+
+
+def segment_pool(frame_mask, frame_times, seconds: float, max_segments: int):
+    """(N, S, T) averaging weights over each time segment's frames (S the most segments in the batch) and
+    the (N, S) mask of the segments each media has."""
+    segment, counts = segment_plan(frame_mask, frame_times, seconds, max_segments)
+    S = int(counts.max())
+    weights = F.one_hot(segment, S).transpose(1, 2).float() * frame_mask[:, None, :].float()
+    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1)   # a segment without frames pools nothing
+    return weights, torch.arange(S, device=counts.device)[None] < counts[:, None]
+
+
 class TemporalSummary(nn.Module):
     """Two streams, appearance (each frame's features) and motion (each frame's change from the previous
     one), with learned temporal position embeddings, pass together through a small bidirectional
@@ -89,30 +144,35 @@ class TemporalSummary(nn.Module):
         self.input_proj = nn.Linear(cfg.clip_dim, d)
         self.motion_norm = RMSNorm(cfg.clip_dim, 1e-3)   # frame changes are small: bring them to content scale
         self.motion_proj = nn.Linear(cfg.clip_dim, d)
+        self.segment_seconds = cfg.segment_seconds
         if cfg.time_encoding == "seconds":
             self.seconds_embed = SecondsEmbedding(d)
-        else:   # "index": a learned vector per frame position, at most num_frames of them
+        elif cfg.time_encoding == "index":   # a learned vector per frame position, at most num_frames of them
             # At about the scale of the projected features, so tokens know their time from step 0.
             self.time_embed = nn.Parameter(torch.randn(cfg.num_frames, d) * 0.5)
+        # "none" (an ablation): frames carry no time; only the order of the tokens is left
         self.stream_embed = nn.Parameter(torch.randn(2, d) * 0.5)
         self.blocks = nn.ModuleList(
             Block(d, cfg.summary_heads, cfg.summary_heads, 4 * d, 1e-5) for _ in range(cfg.summary_layers))
         self.norm = RMSNorm(d, 1e-5)
 
     def frame_time(self, frame_mask, frame_times):
-        """The time embedding of every frame: (N, T, d) from seconds, or (T, d) by position."""
+        """The time embedding of every frame: (N, T, d) from seconds, (T, d) by position, or 0 (none)."""
         T = frame_mask.shape[1]
         if hasattr(self, "seconds_embed"):
             if frame_times is None or bool(torch.isnan(frame_times[frame_mask]).any()):
                 raise ValueError("this model reads each frame's time in seconds, and some are unknown")
             return self.seconds_embed(torch.nan_to_num(frame_times))
+        if not hasattr(self, "time_embed"):
+            return 0.0
         if T > self.time_embed.shape[0]:
             raise ValueError(f"{T} frames but the model was built for {self.time_embed.shape[0]}")
         return self.time_embed[:T]
 
     def forward(self, features, frame_mask, frame_times=None):
         """features: (N, T, d_clip); frame_mask: (N, T) bool, False where a short clip was padded;
-        frame_times: (N, T) seconds (read with time_encoding "seconds", NaN allowed on padding)."""
+        frame_times: (N, T) seconds (read with time_encoding "seconds" and segment_seconds, NaN allowed on
+        padding). Returns (tokens (N, K, d), token_mask (N, K) or None): see pool."""
         N, T, _ = features.shape
         time = self.frame_time(frame_mask, frame_times)
         x = self.input_norm(features)
@@ -124,9 +184,20 @@ class TemporalSummary(nn.Module):
         mask = torch.cat([frame_mask, frame_mask], dim=1)[:, None, None, :]
         for block in self.blocks:
             h = block(h, mask=mask)
-        pool = segment_weights(frame_mask, self.k).to(h.dtype)
-        tokens = torch.cat([pool @ h[:, :T], pool @ h[:, T:]], dim=1)
-        return self.norm(tokens)
+        return self.pool(h, frame_mask, frame_times)
+
+    def pool(self, h, frame_mask, frame_times):
+        """(tokens, token_mask): K/2 appearance then K/2 motion tokens over equal frame segments, or with
+        segment_seconds an (appearance, motion) pair per time segment, in time order (token_mask marks
+        the pairs each media has; None when every media has all K)."""
+        T = frame_mask.shape[1]
+        if not self.segment_seconds:
+            pool = segment_weights(frame_mask, self.k).to(h.dtype)
+            return self.norm(torch.cat([pool @ h[:, :T], pool @ h[:, T:]], dim=1)), None
+        pool, present = segment_pool(frame_mask, frame_times, self.segment_seconds, self.k)
+        pool = pool.to(h.dtype)
+        pairs = torch.stack([pool @ h[:, :T], pool @ h[:, T:]], dim=2)   # (N, S, 2, d)
+        return self.norm(pairs.flatten(1, 2)), present.repeat_interleave(2, dim=1)
 
 
 class MeanSummary(nn.Module):
@@ -138,18 +209,27 @@ class MeanSummary(nn.Module):
         self.input_proj = nn.Linear(cfg.clip_dim, cfg.summary_dim)
         self.slots = nn.Parameter(torch.randn(cfg.num_visual_tokens, cfg.summary_dim) * 0.02)
         self.norm = RMSNorm(cfg.summary_dim, 1e-5)
+        self.cfg, self.segment_seconds = cfg, cfg.segment_seconds
 
-    def forward(self, features, frame_mask, frame_times=None):   # time is what this ablation lacks
+    def forward(self, features, frame_mask, frame_times=None):
+        """As TemporalSummary's: with segment_seconds, as many tokens as it would give (the same budget),
+        all of the same average; time is what this ablation lacks."""
         weights = frame_mask.to(features.dtype).unsqueeze(-1)
         mean = (features * weights).sum(1) / weights.sum(1).clamp(min=1)
-        x = self.input_proj(self.input_norm(mean)).unsqueeze(1) + self.slots
-        return self.norm(x)
+        x = self.norm(self.input_proj(self.input_norm(mean)).unsqueeze(1) + self.slots)
+        if not self.segment_seconds:
+            return x, None
+        counts = visual_token_counts(self.cfg, frame_mask, frame_times)
+        K = int(counts.max())
+        return x[:, :K], torch.arange(K, device=counts.device)[None] < counts[:, None]
 
 
 def build_summary(cfg: VisionConfig) -> nn.Module:
     kinds = {"temporal": TemporalSummary, "mean": MeanSummary}
     if cfg.summary not in kinds:
         raise ValueError(f"summary must be one of {sorted(kinds)}, got {cfg.summary!r}")
+    if not cfg.segment_seconds >= 0:
+        raise ValueError(f"segment_seconds must be >= 0 (0: a fixed num_visual_tokens), got {cfg.segment_seconds}")
     if cfg.time_encoding not in TIME_ENCODINGS:
         raise ValueError(f"time_encoding must be one of {TIME_ENCODINGS}, got {cfg.time_encoding!r}")
     return kinds[cfg.summary](cfg)

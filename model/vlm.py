@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from model.config import LMConfig, VisionConfig
 from model.lm import KVCache, LanguageModel
-from model.video_summary import build_summary
+from model.video_summary import build_summary, visual_token_counts
 
 
 class VideoLLM(nn.Module):
@@ -21,19 +21,22 @@ class VideoLLM(nn.Module):
             nn.Linear(lm_cfg.hidden_size, lm_cfg.hidden_size))
 
     def visual_tokens(self, features, frame_mask, frame_times=None):
-        """(N, T, d_clip) CLIP features (frame_times (N, T) their seconds) → (N, K, d_lm) LM-space tokens."""
-        return self.projector(self.summary(features, frame_mask, frame_times))
+        """(N, T, d_clip) CLIP features (frame_times (N, T) their seconds) → (n, d_lm) LM-space tokens, media
+        after media in time order: n = N·K, or the sum of visual_token_counts (segment_seconds)."""
+        tokens, token_mask = self.summary(features, frame_mask, frame_times)
+        tokens = self.projector(tokens)
+        return tokens.flatten(0, 1) if token_mask is None else tokens[token_mask]
 
     def embed(self, input_ids, features=None, frame_mask=None, frame_times=None):
-        """Token embeddings with each media's K visual tokens written into its K slots, in order."""
+        """Token embeddings with each media's visual tokens written into its slots, in order."""
         x = self.lm.embed_tokens(input_ids)
         slots = input_ids == self.vision_cfg.vision_token_id
         n_slots = int(slots.sum())
-        n_media = 0 if features is None else features.shape[0]
-        if n_slots != n_media * self.vision_cfg.num_visual_tokens:
-            raise ValueError(f"{n_slots} visual slots in the text but {n_media} media × "
-                             f"{self.vision_cfg.num_visual_tokens} tokens")
-        if n_media:
+        wanted = 0 if features is None else int(visual_token_counts(self.vision_cfg, frame_mask, frame_times).sum())
+        if n_slots != wanted:
+            n_media = 0 if features is None else features.shape[0]
+            raise ValueError(f"{n_slots} visual slots in the text but {n_media} media with {wanted} visual tokens")
+        if wanted:
             vis = self.visual_tokens(features.to(x.dtype), frame_mask, frame_times).to(x.dtype)
             x = x.masked_scatter(slots.unsqueeze(-1), vis)
         return x

@@ -2,10 +2,10 @@
 # The offline temporal demo on a CPU (2 cores, no internet), from a clean checkout:
 #   the synthetic temporal suite (timed events on long low-fps clips) → tokenizer → the seeded
 #   RANDOM open_clip tower of scripts/demo.sh → CLIP features of frames sampled at SAMPLE_FPS a
-#   second (at most FRAME_CAP) → pretrain (captions with times) → video SFT → eval, the model with
+#   second (at most FRAME_CAP), two visual tokens per SEGMENT_SECONDS → pretrain (captions with times) → video SFT → eval, the model with
 #   absolute-time embeddings (--time_encoding seconds); beside it, in a second lane, the same two
-#   stages and eval for each ablation: `mean` (frame average) and `no_time` (temporal summary with
-#   frame-index embeddings only) → out/temporal/report.md, out/temporal/metrics.json (+ PNGs).
+#   stages and eval for each ablation: `mean` (frame average) and `no_time` (temporal summary without
+#   any time embedding: the tokens' order is all it has) → out/temporal/report.md, out/temporal/metrics.json (+ PNGs).
 # There is no image stage: the temporal suite has no images.
 # Step times and peak memory go to out/temporal/demo_times.json, the settings to out/temporal/demo_settings.json.
 #
@@ -25,8 +25,9 @@ VIDEO_FPS=${VIDEO_FPS:-4}       # frames a second in the files
 VIDEO_SIZE=${VIDEO_SIZE:-64}    # frame side in pixels
 # --- the visual path
 SAMPLE_FPS=${SAMPLE_FPS:-1}     # frames sampled a second of video
-FRAME_CAP=${FRAME_CAP:-64}      # at most this many frames per video (longer videos: spread evenly)
-K=${K:-16}                      # visual tokens per video
+FRAME_CAP=${FRAME_CAP:-128}     # at most this many frames per video (longer videos: spread evenly)
+SEGMENT_SECONDS=${SEGMENT_SECONDS:-1}   # an appearance and a motion token per this many seconds of video...
+K=${K:-256}                     # ...at most this many visual tokens per video (0 s segments: exactly K)
 # --- training
 BS=${BS:-16}
 PRE_EPOCHS=${PRE_EPOCHS:-2}
@@ -41,7 +42,7 @@ OUT_DIR=${OUT_DIR:-out/temporal}
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
 SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE VOCAB CLIP_MODEL
-          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP K SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
+          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
           PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATIONS OUT_DIR DATA_DIR)
 
 cd "$(dirname "$0")/.."
@@ -58,7 +59,7 @@ summary_flags() {   # summary_flags NAME: the VideoSummary flags of the model ("
   case $1 in
     temporal) echo "--summary temporal --time_encoding seconds" ;;
     mean) echo "--summary mean" ;;
-    no_time) echo "--summary temporal --time_encoding index" ;;
+    no_time) echo "--summary temporal --time_encoding none" ;;
     *) return 1 ;;
   esac
 }
@@ -98,7 +99,7 @@ features_in_two_parts python scripts/extract_features.py --data "${SPLITS[@]}" "
 
 # 5-6. pretrain + video SFT + eval, for the model or an ablation
 COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER")
-ARCH=("${LM_FLAGS[@]}" "${SAMPLING[@]}" --num_visual_tokens "$K" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
+ARCH=("${LM_FLAGS[@]}" "${SAMPLING[@]}" --num_visual_tokens "$K" --segment_seconds "$SEGMENT_SECONDS" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>) or an ablation (<stage>_<DIM>_NAME)
   local name=$1 sfx="" summary

@@ -20,7 +20,7 @@ from visualize import pyplot
 SCRIPT = "scripts/demo_temporal.sh"
 ABLATIONS = ("mean", "no_time")
 ABLATION_NOTES = {"mean": "frame average, no temporal summary",
-                  "no_time": "temporal summary, frame-index embeddings, no absolute time"}
+                  "no_time": "temporal summary without any time embedding (token order only)"}
 CATEGORY_ORDER = ["order", "count", "speed", "grounding", "needle_what", "needle_when", "reversed", "speed_change",
                   "followup"]
 TIMELINE_CATEGORIES = ("needle_when", "grounding")   # the questions whose answer is a span of time

@@ -124,3 +124,14 @@ def test_cached_text_ids_are_the_tokenizers_and_safe_to_change(chat):
     first = chat.text(text)
     first.append(-1)   # a caller that extends the ids it got must not change what the next one gets
     assert chat.text(text) == fresh
+
+
+def test_each_marker_gets_the_slots_its_media_is_given(chat):
+    conv = [{"role": "user", "content": "<video>\nThis one <image> and that?"}, {"role": "assistant", "content": "x"}]
+    ids, labels, kinds = chat.encode(conv, slot_counts=[5, 2])
+    slots = [i for i, t in enumerate(ids) if t == chat.vision_pad]
+    assert kinds == ["video", "image"] and len(slots) == 7
+    assert slots[5] > slots[4] + 1                           # the video's 5, the text, then the image's 2
+    assert chat.encode(conv)[0].count(chat.vision_pad) == 2 * chat.k
+    with pytest.raises(BadSample, match="2 <video>/<image> marker"):
+        chat.encode(conv, slot_counts=[5])

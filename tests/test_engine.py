@@ -161,3 +161,15 @@ def test_a_model_that_reads_seconds_refuses_media_without_times_in_one_line(toke
         engine.reply(ask("When?"), [features(0)], GREEDY)   # bare features: no clock
     timed = MediaEntry("features", features(0), torch.tensor([0.0, 1.0, 2.0, 3.0]))
     assert isinstance(engine.reply(ask("When?"), [timed], SamplingOptions(max_new_tokens=2)), str)
+
+
+def test_a_segment_model_prompts_a_longer_video_with_more_slots_and_answers(tokenizer, vocab_size):
+    from dataset.vlm_dataset import MediaEntry
+    model = tiny_vlm(vocab_size=vocab_size, clip_dim=CLIP_DIM, num_frames=FRAMES, time_encoding="seconds",
+                     num_visual_tokens=8, segment_seconds=1.0)
+    engine = Engine(model, tokenizer)
+    short = MediaEntry("features", features(0)[:1], torch.tensor([0.0]))
+    long = MediaEntry("features", features(0), torch.tensor([0.0, 1.0, 2.0, 3.0]))
+    slots = [engine.prompt_ids(ask("When?"), [m]).count(engine.chat.vision_pad) for m in (short, long)]
+    assert slots == [2, 8]
+    assert isinstance(engine.reply(ask("When?"), [long], SamplingOptions(max_new_tokens=2)), str)

@@ -15,7 +15,7 @@ from make_temporal import parse_args
 from model.chat import ChatEncoder
 
 SEED, N_VIDEOS, N_TEST = 0, 12, 12
-SETTINGS = st.Settings(fps=4, size=64, min_seconds=4, max_seconds=12, test_max_seconds=24)
+SETTINGS = st.Settings(fps=4, size=64, min_seconds=4, max_seconds=20, test_max_seconds=40)   # long enough for every action
 SPLITS = ("pretrain", "sft_video", "test")
 COLOUR_TOLERANCE = 50    # RGB distance after an H.264 round trip that still counts as "that colour"
 MIN_OBJECT_PIXELS = 60   # the thin ring covers about 220 pixels at 64 px

@@ -4,7 +4,7 @@ import torch
 
 from dataset.vlm_dataset import visual_inputs
 from model.config import VisionConfig
-from model.video_summary import MeanSummary, TemporalSummary
+from model.video_summary import MeanSummary, TemporalSummary, media_token_count, segment_plan, visual_token_counts
 
 PAD = 3   # vision_token_id of the tiny models
 K = 2
@@ -70,7 +70,7 @@ def test_temporal_summary_sees_frame_order_and_mean_summary_does_not():
     frames, mask = features()
     reverse = frames.flip(1)
     temporal, mean = TemporalSummary(summary_cfg("temporal")), MeanSummary(summary_cfg("mean"))
-    assert not torch.allclose(temporal(frames, mask), temporal(reverse, mask), atol=1e-4)
+    assert not torch.allclose(temporal(frames, mask)[0], temporal(reverse, mask)[0], atol=1e-4)
     torch.testing.assert_close(mean(frames, mask), mean(reverse, mask))
 
 
@@ -92,7 +92,7 @@ def test_image_batched_with_a_video_gets_the_same_tokens_as_alone(make_vlm):
     assert frames.shape == (2, 4, 16) and mask.tolist() == [[True, False, False, False], [True] * 4]
     together = model.visual_tokens(frames, mask)
     alone = model.visual_tokens(image[None], torch.ones(1, 1, dtype=torch.bool))
-    torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[:K], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_too_many_frames_for_the_temporal_embeddings_is_an_error():
@@ -115,15 +115,15 @@ def test_the_seconds_summary_reads_the_clock_not_only_the_frame_order():
     frames, mask = features()
     short = torch.tensor([[0.25, 0.75, 1.25, 1.75]])     # a 2-s clip
     long = short * 15                                  # the same frames spread over a 30-s video
-    assert not torch.allclose(summary(frames, mask, short), summary(frames, mask, long), atol=1e-4)
+    assert not torch.allclose(summary(frames, mask, short)[0], summary(frames, mask, long)[0], atol=1e-4)
     torch.testing.assert_close(summary(frames, mask, short), summary(frames, mask, short.clone()))
 
 
 def test_the_seconds_summary_takes_more_frames_than_num_frames():
     summary = seconds_summary()   # built for num_frames=4
     many = torch.randn(1, 12, 16)
-    tokens = summary(many, torch.ones(1, 12, dtype=torch.bool), torch.arange(12.0)[None])
-    assert tokens.shape == (1, K, 16) and torch.isfinite(tokens).all()
+    tokens, token_mask = summary(many, torch.ones(1, 12, dtype=torch.bool), torch.arange(12.0)[None])
+    assert tokens.shape == (1, K, 16) and token_mask is None and torch.isfinite(tokens).all()
 
 
 def test_the_seconds_summary_refuses_frames_of_unknown_time_but_not_padding():
@@ -134,7 +134,7 @@ def test_the_seconds_summary_refuses_frames_of_unknown_time_but_not_padding():
         summary(frames, mask, times)
     with pytest.raises(ValueError, match="time in seconds"):
         summary(frames, mask, None)
-    padded = summary(frames, torch.tensor([[True, True, False, False]]), times)
+    padded, _ = summary(frames, torch.tensor([[True, True, False, False]]), times)
     assert torch.isfinite(padded).all()
 
 
@@ -143,3 +143,81 @@ def test_visual_inputs_carry_frame_times_and_mark_the_unknown():
     visual = visual_inputs([("features", video, torch.tensor([0.5, 1.5, 2.5])), ("features", image)])
     assert visual.frame_times.shape == (2, 3)
     assert visual.frame_times[0].tolist() == [0.5, 1.5, 2.5] and torch.isnan(visual.frame_times[1]).all()
+
+
+# ---------------------------------------------------------------- a token budget that grows with duration
+
+
+def test_one_second_segments_of_one_frame_a_second_give_each_frame_its_own_segment():
+    times = torch.arange(16.0)[None]                         # 0..15 s at 1 fps: stored times may be a hair off
+    times[0, 7] -= 1e-5
+    segment, counts = segment_plan(torch.ones(1, 16, dtype=torch.bool), times, 1.0, 128)
+    assert segment[0].tolist() == list(range(16)) and counts.tolist() == [16]
+
+
+def test_past_the_cap_segments_grow_longer_and_stay_in_time_order_none_empty():
+    times = torch.arange(121.0)[None]                       # a 120-s video
+    segment, counts = segment_plan(torch.ones(1, 121, dtype=torch.bool), times, 1.0, 32)
+    assert counts.tolist() == [32]
+    assert (segment[0].diff() >= 0).all() and set(segment[0].tolist()) == set(range(32))
+
+
+def test_padding_and_unknown_times_do_not_change_the_segments():
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    times = torch.tensor([[0.0, 2.0, 4.0, float("nan")], [0.0, 1.0, float("nan"), 3.0]])
+    segment, counts = segment_plan(mask, times, 2.0, 8)
+    assert segment[0, :3].tolist() == [0, 1, 2] and counts[0] == 3
+    assert segment[1].tolist() == [0, 1, 2, 3]               # a clock with a hole: timed by frame index
+
+
+def segment_cfg(kind="temporal", time_encoding="seconds", cap=16):
+    return VisionConfig(clip_dim=16, num_frames=64, summary=kind, num_visual_tokens=cap, summary_dim=16,
+                        summary_layers=1, summary_heads=2, time_encoding=time_encoding, segment_seconds=2.0)
+
+
+def test_a_long_video_gets_more_tokens_than_a_short_clip_up_to_the_cap():
+    cfg = segment_cfg(cap=16)
+    assert media_token_count(cfg, 2, torch.tensor([0.0, 1.0])) == 2          # 2 s: one segment, a pair
+    assert media_token_count(cfg, 10, torch.arange(10.0)) == 10              # 10 s: five 2-s segments
+    assert media_token_count(cfg, 60, torch.arange(60.0)) == 16              # 60 s: the cap
+    assert media_token_count(cfg, 1, torch.zeros(1)) == 2                    # an image
+    fixed = VisionConfig(num_visual_tokens=8)
+    assert media_token_count(fixed, 60, torch.arange(60.0)) == 8
+
+
+@pytest.mark.parametrize("kind, encoding", [("temporal", "seconds"), ("temporal", "none"), ("mean", "index")])
+def test_media_of_different_lengths_in_one_batch_get_the_tokens_they_get_alone(make_vlm, kind, encoding):
+    model = make_vlm(summary=kind, time_encoding=encoding, num_frames=12, num_visual_tokens=8, segment_seconds=1.0)
+    torch.manual_seed(1)
+    short, long = torch.randn(3, 16), torch.randn(12, 16)
+    batch = visual_inputs([("features", short, torch.arange(3.0)), ("features", long, torch.arange(12.0))])
+    assert visual_token_counts(model.vision_cfg, batch.frame_mask, batch.frame_times).tolist() == [6, 8]
+    together = model.visual_tokens(*batch)
+    alone = [model.visual_tokens(*visual_inputs([entry])) for entry in
+             [("features", short, torch.arange(3.0)), ("features", long, torch.arange(12.0))]]
+    assert together.shape == (14, 32)
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_segment_tokens_come_in_time_order_pairs_and_fill_the_slots(make_vlm):
+    model = make_vlm(time_encoding="seconds", num_frames=8, num_visual_tokens=8, segment_seconds=1.0)
+    frames, times = torch.randn(1, 3, 16), torch.arange(3.0)[None]
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    tokens, token_mask = model.summary(frames, mask, times)
+    assert tokens.shape == (1, 6, 16) and token_mask.all()
+    late = frames.clone()
+    late[0, 2] += 5                                          # the last second changes: its pair is the last one
+    changed = (model.summary(late, mask, times)[0] - tokens).abs().amax(-1)[0]
+    assert changed[4:].min() > changed[:4].max()           # its own pair moves most (attention spreads the rest)
+    ids = torch.tensor([[5, 6] + [PAD] * 6 + [7]])
+    x = model.embed(ids, frames, mask, times)
+    torch.testing.assert_close(x[0, 2:8], model.visual_tokens(frames, mask, times))
+    with pytest.raises(ValueError, match="visual slots"):
+        model.embed(torch.tensor([[5] + [PAD] * 8]), frames, mask, times)   # 8 slots for 6 tokens
+
+
+def test_a_segment_model_takes_more_frames_than_it_was_built_for_when_it_reads_seconds(make_vlm):
+    model = make_vlm(time_encoding="seconds", num_frames=4, num_visual_tokens=64, segment_seconds=1.0)
+    frames, times = torch.randn(1, 30, 16), torch.arange(30.0)[None]
+    vis = model.visual_tokens(frames, torch.ones(1, 30, dtype=torch.bool), times)
+    assert vis.shape == (60, 32) and torch.isfinite(vis).all()

@@ -80,7 +80,10 @@ def add_architecture_flags(p):
         a(f"--{name}", type=kind, default=None)
     a("--time_encoding", choices=TIME_ENCODINGS, default=None,
       help="how the temporal summary knows when a frame is: index (a learned vector per frame position; "
-           "default) or seconds (the frame's absolute time, any number of frames)")
+           "default), seconds (the frame's absolute time, any number of frames) or none (an ablation)")
+    a("--segment_seconds", type=float, default=None,
+      help="0 (default): --num_visual_tokens per media; > 0: an appearance and a motion token per time segment "
+           "this long, at most --num_visual_tokens (the budget grows with duration)")
     a("--clip_pretrained", default=None, help="open_clip pretrained tag or local weights file")
     a("--frame_sampling", choices=SAMPLING_MODES, default=None,
       help="video frames: uniform over the clip (default), or fps: --sample_fps a second, at most --num_frames")

@@ -8,6 +8,7 @@ from dataset.features import open_cache
 from dataset.media import sampling_rate
 from dataset.vlm_dataset import ConversationDataset, visual_inputs
 from model.config import VisionConfig
+from model.video_summary import media_slot_counter
 from model.vision import FrameEncoder
 from trainer.errors import TrainingError
 
@@ -20,7 +21,8 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
     data_dir = Path(args.media_root) if args.media_root else Path(args.data_path).parent
     cache = open_cache(data_dir, cfg, args.feature_dir)
     common = dict(chat=chat, num_frames=cfg.num_frames, max_len=args.max_len, media_root=args.media_root,
-                  cache=cache, fps=sampling_rate(cfg), need_times=cfg.reads_frame_times)
+                  cache=cache, fps=sampling_rate(cfg), need_times=cfg.reads_frame_times,
+                  slot_count=media_slot_counter(cfg))
     train = ConversationDataset(args.data_path, **common)
     if args.val_path:
         val = ConversationDataset(args.val_path, **common)
