@@ -188,12 +188,13 @@ class Clip:
 
 def frame_times(reader, total: int, path, required: bool) -> np.ndarray:
     """(total, 2) start/end seconds of every frame: the times the file stores (so a variable-frame-rate
-    clip keeps its real clock), or, where it stores none or unusable ones, a constant rate from its
-    average fps. When even that is unknown: MediaError if the clock is `required` (fps sampling, a model
-    that reads frame times), else NaN, which nothing downstream then reads."""
+    clip keeps its real clock). Stored times that are unusable (not numbers, or going backwards) are a
+    MediaError if the clock is `required` (fps sampling, a model that reads frame times); otherwise, as
+    where the file stores none, a constant rate from its average fps stands in. When even that is
+    unknown: MediaError if required, else NaN, which nothing downstream then reads."""
     stored = np.asarray(reader.get_frame_timestamp(list(range(total))), dtype=np.float64)
     problem = None
-    if stored[-1, 1] > 0:
+    if stored.any():   # all zeros: the file stores no times (NaN counts as stored, and is refused below)
         backwards = np.flatnonzero(np.diff(stored[:, 0]) < 0)
         if not np.isfinite(stored).all():
             problem = "frame times are not all numbers"
