@@ -282,3 +282,13 @@ def test_bad_arguments_are_rejected(tmp_path, bad):
 def test_test_max_seconds_defaults_to_twice_the_training_maximum(tmp_path):
     args = parse_args(["--out", str(tmp_path), "--n_videos", "2", "--max_seconds", "30"])
     assert args.test_max_seconds == 60 and args.fps == 4 and args.size == 64 and args.min_seconds == 4
+
+
+def test_held_out_wordings_recombine_words_of_the_seen_ones():
+    words = lambda text: set(re.findall(r"[a-z]+", text.lower()))  # noqa: E731
+    seen = set().union(*(words(t) for form in st.PHRASINGS.values() for t in form["seen"]))
+    for name, form in st.PHRASINGS.items():
+        assert len(form["seen"]) >= 4 and len(form["held_out"]) >= 2, name
+        assert not set(form["seen"]) & set(form["held_out"]), name
+        for template in form["held_out"]:
+            assert words(template) <= seen, (name, template, words(template) - seen)
