@@ -204,7 +204,15 @@ def header(ckpt, vision, out_dir, ablations):
             "nothing here is a claim about real video: the numbers show the pipeline training end to end, and what "
             "absolute-time embeddings buy on questions about order, counts, speed and when things happen.", "",
             f"The model: temporal VideoSummary with absolute-time embeddings (`--time_encoding seconds`), frames "
-            f"sampled by fps (`--frame_sampling fps`). Ablations: {runs}.", ""]
+            f"sampled by fps (`--frame_sampling fps`), {budget(vis)}. Ablations: {runs}.", ""]
+
+
+def budget(vis: dict) -> str:
+    """The visual-token budget in words, from the checkpoint's vision config."""
+    seconds, k = vis.get("segment_seconds") or 0, vis.get("num_visual_tokens")
+    if not seconds:
+        return f"{k} visual tokens per video"
+    return f"an appearance and a motion token per {seconds:g} s of video, at most {k} (`--segment_seconds`)"
 
 
 def build_report(runs, preds, ckpt, vision, meta, logs, times, rss, settings, out_dir):
@@ -212,7 +220,8 @@ def build_report(runs, preds, ckpt, vision, meta, logs, times, rss, settings, ou
     text += section_results(runs, preds)
     text += ["![loss curves](loss_curves.png)", "", "Loss per optimizer step (dots: validation loss): "
              "[loss_curves.png](loss_curves.png)", ""]
-    text += section_model(ckpt, vision, extra_vision_keys=("frame_sampling", "sample_fps", "time_encoding"))
+    text += section_model(ckpt, vision, extra_vision_keys=("frame_sampling", "sample_fps", "time_encoding",
+                                                            "segment_seconds"))
     text += section_data(meta)
     text += section_runs(logs, out_dir)
     text += section_time(times, rss, script=SCRIPT)
