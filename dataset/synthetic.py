@@ -52,11 +52,7 @@ HELD_OUT_PHRASING_PROBABILITY = 0.5
 # "seen"; a test record draws its set (and says which: "phrasing"), so the test also asks known kinds of
 # question in wordings training never showed. Placeholders: {shape} {colour} (one attribute of the
 # object asked about), {object} ("red circle"), {media} ("video" / "image"). The answers never depend on
-# the wording. The caption forms' seen prompts are the three this generator always had. A tiny LM trained
-# from scratch carries a question over to a new wording only through words and shapes of sentence it was
-# trained on, so the seen sets vary those ("is the X going", "do you see", "of the two", "before the
-# other"): when nearly every seen direction question was "... does the X move", the held-out "... is the
-# X heading / going" often got a colour or a shape for an answer.
+# the wording. The caption forms' seen prompts are the three this generator always had.
 PHRASINGS = {
     "colour": {"category": "colour", "seen": [
         "What colour is the {shape}?", "What is the colour of the {shape}?",
@@ -67,11 +63,11 @@ PHRASINGS = {
         "Which shape is the {colour} object?", "Tell me the shape of the {colour} object."],
         "held_out": ["What shape does the {colour} object have?", "Can you name the shape of the {colour} object?"]},
     "direction": {"category": "direction", "seen": [
-        "Which way does the {object} move?", "In which direction is the {object} moving?",
-        "Which way is the {object} going?", "What direction does the {object} move in?"],
+        "Which way does the {object} move?", "In which direction does the {object} move?",
+        "Which way is the {object} moving?", "What direction does the {object} move in?"],
         "held_out": ["Which direction is the {object} heading?", "In what direction is the {object} going?"]},
     "count": {"category": "count", "seen": [
-        "How many shapes are in the {media}?", "How many objects do you see?",
+        "How many shapes are in the {media}?", "How many objects are there?",
         "How many shapes does the {media} show?", "Count the shapes in the {media}."],
         "held_out": ["How many shapes can you see?", "How many things are in the {media}?"]},
     "order_presence": {"category": "order", "seen": [
@@ -79,8 +75,8 @@ PHRASINGS = {
         "Does the {object} enter or leave the scene?", "Does the {object} come into view or leave?"],
         "held_out": ["Does the {object} show up or leave?", "Is the {object} arriving or leaving?"]},
     "order_first": {"category": "order", "seen": [
-        "Which shape moves first?", "Which of the two objects starts moving first?",
-        "What is the first shape to move?", "Which one starts moving before the other?"],
+        "Which shape moves first?", "Which shape starts moving first?",
+        "What is the first shape to move?", "Which object moves first?"],
         "held_out": ["Which of the two shapes moves first?", "Which shape moves before the other?"]},
     "position": {"category": "position", "seen": [
         "Where is the {object}?", "Where is the {object} in the image?",
