@@ -9,6 +9,7 @@ import multiprocessing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -45,10 +46,50 @@ HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 MAX_PLACEMENT_TRIES = 1000
 
-VIDEO_CAPTION_PROMPTS = ("Describe the video.", "What happens in the video?", "Give a short caption.")
-IMAGE_CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Give a short caption.")
-TEST_CAPTION_PROMPT = "Describe the video."
 TEST_CATEGORY_ORDER = ("colour", "shape", "direction", "count", "order", "caption")
+HELD_OUT_PHRASING_PROBABILITY = 0.5
+# Question forms: each has a category and two fixed template sets. Training words every question from
+# "seen"; a test record draws its set (and says which: "phrasing"), so the test also asks known kinds of
+# question in wordings training never showed. Placeholders: {shape} {colour} (one attribute of the
+# object asked about), {object} ("red circle"), {media} ("video" / "image"). The answers never depend on
+# the wording. The caption forms' seen prompts are the three this generator always had.
+PHRASINGS = {
+    "colour": {"category": "colour", "seen": [
+        "What colour is the {shape}?", "What is the colour of the {shape}?",
+        "Which colour does the {shape} have?", "Tell me the colour of the {shape}."],
+        "held_out": ["Which colour is the {shape}?", "Can you name the colour of the {shape}?"]},
+    "shape": {"category": "shape", "seen": [
+        "What shape is the {colour} object?", "What is the shape of the {colour} object?",
+        "Which shape is the {colour} object?", "Tell me the shape of the {colour} object."],
+        "held_out": ["What shape does the {colour} object have?", "Can you name the shape of the {colour} object?"]},
+    "direction": {"category": "direction", "seen": [
+        "Which way does the {object} move?", "In which direction does the {object} move?",
+        "Which way is the {object} moving?", "What direction does the {object} move in?"],
+        "held_out": ["Which direction is the {object} heading?", "In what direction is the {object} going?"]},
+    "count": {"category": "count", "seen": [
+        "How many shapes are in the {media}?", "How many objects are there?",
+        "How many shapes does the {media} show?", "Count the shapes in the {media}."],
+        "held_out": ["How many shapes can you see?", "How many things are in the {media}?"]},
+    "order_presence": {"category": "order", "seen": [
+        "Does the {object} appear or leave?", "Is the {object} appearing or leaving?",
+        "Does the {object} enter or leave the scene?", "Does the {object} come into view or leave?"],
+        "held_out": ["Does the {object} show up or leave?", "Is the {object} arriving or leaving?"]},
+    "order_first": {"category": "order", "seen": [
+        "Which shape moves first?", "Which shape starts moving first?",
+        "What is the first shape to move?", "Which object moves first?"],
+        "held_out": ["Which of the two shapes moves first?", "Which shape moves before the other?"]},
+    "position": {"category": "position", "seen": [
+        "Where is the {object}?", "Where is the {object} in the image?",
+        "In which part of the image is the {object}?", "What is the position of the {object}?"],
+        "held_out": ["Where is the {object} located?", "Which part of the image is the {object} in?"]},
+    "video_caption": {"category": "caption", "seen": [
+        "Describe the video.", "What happens in the video?", "Give a short caption."],
+        "held_out": ["Describe what happens in the video.", "Give a short description of the video."]},
+    "image_caption": {"category": "caption", "seen": [
+        "Describe the image.", "What is in the image?", "Give a short caption."],
+        "held_out": ["Describe what is in the image.", "Give a short description of the image."]},
+}
+CAPTION_FORMS = ("video_caption", "image_caption")
 IMAGE_POSITION_PHRASES = {
     "left": "on the left",
     "right": "on the right",
@@ -71,6 +112,9 @@ IMAGE_POSITION_CENTRES = {
 # scheduling and changing e.g. the prompt sampling does not move any object.
 STREAM_HELD_OUT, STREAM_TRAIN_SCENE, STREAM_TEST_SCENE, STREAM_IMAGE_SCENE = 0, 1, 2, 3
 STREAM_TRAIN_TEXT, STREAM_IMAGE_TEXT, STREAM_TEST_SPLIT = 4, 5, 6
+# The question wordings (synthetic_temporal.py's streams are 20-26). Training wordings have streams of
+# their own, so the caption prompts and question orders drawn from 4 and 5 stay what they were.
+STREAM_TEST_TEXT, STREAM_TRAIN_WORDING, STREAM_IMAGE_WORDING = 7, 8, 9
 
 
 def item_rng(seed: int, stream: int, index: int = 0) -> np.random.Generator:
@@ -350,26 +394,44 @@ def video_caption(scene: VideoScene) -> str:
     )
 
 
-def video_qa_pairs(scene: VideoScene) -> list[tuple[str, str, str]]:
-    """All applicable (category, question, answer) triples, in TEST_CATEGORY_ORDER."""
+class Question(NamedTuple):
+    """One question about a scene, not yet worded: its form (a key of PHRASINGS), its answer, and the
+    placeholder fills of the form's templates."""
+    form: str
+    answer: str
+    fills: dict
+
+    @property
+    def category(self) -> str:
+        return PHRASINGS[self.form]["category"]
+
+
+def worded(rng, question: Question, phrasing: str = "seen") -> tuple[str, str, str]:
+    """(category, question text, answer): a template drawn from the form's `phrasing` set."""
+    template = pick(rng, PHRASINGS[question.form][phrasing])
+    return question.category, template.format(**question.fills), question.answer
+
+
+def video_questions(scene: VideoScene) -> list[Question]:
+    """Every applicable question, in TEST_CATEGORY_ORDER."""
     primary = scene.objects[0]
-    pairs = [
-        ("colour", f"What colour is the {primary.shape}?", primary.colour),
-        ("shape", f"What shape is the {primary.colour} object?", primary.shape),
-        ("direction", f"Which way does the {describe(primary)} move?", primary.motion),
-        ("count", "How many shapes are in the video?", "one" if len(scene.objects) == 1 else "two"),
+    questions = [
+        Question("colour", primary.colour, {"shape": primary.shape}),
+        Question("shape", primary.shape, {"colour": primary.colour}),
+        Question("direction", primary.motion, {"object": describe(primary)}),
+        Question("count", "one" if len(scene.objects) == 1 else "two", {"media": "video"}),
     ]
     if scene.kind in ("appear", "leave"):
         second = scene.objects[1]
         answer = "appears" if scene.kind == "appear" else "leaves"
-        pairs.append(("order", f"Does the {describe(second)} appear or leave?", answer))
+        questions.append(Question("order_presence", answer, {"object": describe(second)}))
     elif scene.kind == "sequence":
-        pairs.append(("order", "Which shape moves first?", f"the {describe(scene.objects[scene.first_mover])}"))
-    pairs.append(("caption", TEST_CAPTION_PROMPT, video_caption(scene)))
-    return pairs
+        questions.append(Question("order_first", f"the {describe(scene.objects[scene.first_mover])}", {}))
+    questions.append(Question("video_caption", video_caption(scene), {}))
+    return questions
 
 
-def second_mover_pairs(scene: VideoScene) -> list[tuple[str, str, str]]:
+def second_mover_questions(scene: VideoScene) -> list[Question]:
     """Training-only questions about the other object of a "sequence" video (the test asks about
     the primary only). Both objects move there, so "which way does X move?" needs each motion bound
     to its object; asking about both doubles that supervision without a single extra video."""
@@ -377,9 +439,9 @@ def second_mover_pairs(scene: VideoScene) -> list[tuple[str, str, str]]:
         return []
     second = scene.objects[1]
     return [
-        ("colour", f"What colour is the {second.shape}?", second.colour),
-        ("shape", f"What shape is the {second.colour} object?", second.shape),
-        ("direction", f"Which way does the {describe(second)} move?", second.motion),
+        Question("colour", second.colour, {"shape": second.shape}),
+        Question("shape", second.shape, {"colour": second.colour}),
+        Question("direction", second.motion, {"object": describe(second)}),
     ]
 
 
@@ -388,20 +450,30 @@ def image_caption(scene: ImageScene) -> str:
     return " and ".join([parts[0]] + [p[0].lower() + p[1:] for p in parts[1:]]) + "."
 
 
-def image_qa_pairs(scene: ImageScene) -> list[tuple[str, str, str]]:
+def image_questions(scene: ImageScene) -> list[Question]:
     target = scene.objects[0]
     return [
-        ("colour", f"What colour is the {target.shape}?", target.colour),
-        ("shape", f"What shape is the {target.colour} object?", target.shape),
-        ("position", f"Where is the {target.colour} {target.shape}?", target.position),
-        ("count", "How many shapes are in the image?", "one" if len(scene.objects) == 1 else "two"),
-        ("caption", IMAGE_CAPTION_PROMPTS[0], image_caption(scene)),
+        Question("colour", target.colour, {"shape": target.shape}),
+        Question("shape", target.shape, {"colour": target.colour}),
+        Question("position", target.position, {"object": f"{target.colour} {target.shape}"}),
+        Question("count", "one" if len(scene.objects) == 1 else "two", {"media": "image"}),
+        Question("image_caption", image_caption(scene), {}),
     ]
 
 
-def vary_caption_prompt(rng, qa, prompts):
-    category, question, answer = qa
-    return (category, pick(rng, prompts), answer) if category == "caption" else qa
+def training_pairs(text_rng, wording_rng, questions) -> list[tuple[str, str, str]]:
+    """Seen wordings only: the caption prompt from the item's text stream (the draw it always was), every
+    other question's template from the item's wording stream."""
+    return [worded(text_rng if q.form in CAPTION_FORMS else wording_rng, q) for q in questions]
+
+
+def worded_for_test(rng, questions) -> list[tuple[tuple[str, str, str], str]]:
+    """((category, text, answer), phrasing) per question: each draws its set, seen or held_out, then its template."""
+    pairs = []
+    for question in questions:
+        phrasing = "held_out" if rng.random() < HELD_OUT_PHRASING_PROBABILITY else "seen"
+        pairs.append((worded(rng, question, phrasing), phrasing))
+    return pairs
 
 
 def conversation(marker: str, qa_list) -> list[dict]:
@@ -413,11 +485,13 @@ def conversation(marker: str, qa_list) -> list[dict]:
     return turns
 
 
-def sample(sample_id, media_key, media_path, marker, qa_list, category, subset=None) -> dict:
+def sample(sample_id, media_key, media_path, marker, qa_list, category, subset=None, phrasing=None) -> dict:
     turns = conversation(marker, qa_list)
     record = {"id": sample_id, media_key: media_path, "conversations": turns, "category": category}
     if subset is not None:
         record["subset"] = subset
+    if phrasing is not None:
+        record["phrasing"] = phrasing
     return record
 
 
@@ -437,8 +511,8 @@ def build_splits(seed, train, test, images):
     pretrain, sft_image, sft_video, test_lines = [], [], [], []
     for index, scene in enumerate(train):
         rng = item_rng(seed, STREAM_TRAIN_TEXT, index)
-        qa_list = [vary_caption_prompt(rng, qa, VIDEO_CAPTION_PROMPTS)
-                   for qa in video_qa_pairs(scene) + second_mover_pairs(scene)]
+        qa_list = training_pairs(rng, item_rng(seed, STREAM_TRAIN_WORDING, index),
+                                 video_questions(scene) + second_mover_questions(scene))
         path = video_path(scene)
         caption = next(qa for qa in qa_list if qa[0] == "caption")
         pretrain.append(sample(f"{scene.name}-cap", "video", path, "<video>", [caption], "caption"))
@@ -449,16 +523,17 @@ def build_splits(seed, train, test, images):
         sft_video.append(sample(f"{scene.name}-multi", "video", path, "<video>", chosen, "multi"))
     for index, scene in enumerate(images):
         rng = item_rng(seed, STREAM_IMAGE_TEXT, index)
-        qa_list = [vary_caption_prompt(rng, qa, IMAGE_CAPTION_PROMPTS) for qa in image_qa_pairs(scene)]
+        qa_list = training_pairs(rng, item_rng(seed, STREAM_IMAGE_WORDING, index), image_questions(scene))
         path = image_path(scene)
         caption = next(qa for qa in qa_list if qa[0] == "caption")
         pretrain.append(sample(f"{scene.name}-cap", "image", path, "<image>", [caption], "caption"))
         chosen = shuffled(rng, qa_list)
         sft_image.append(sample(f"{scene.name}-multi", "image", path, "<image>", chosen, "multi"))
-    for scene in test:
-        for qa in video_qa_pairs(scene):
+    for index, scene in enumerate(test):
+        for qa, phrasing in worded_for_test(item_rng(seed, STREAM_TEST_TEXT, index), video_questions(scene)):
             sample_id = f"{scene.name}-{qa[0]}"
-            test_lines.append(sample(sample_id, "video", video_path(scene), "<video>", [qa], qa[0], scene.subset))
+            test_lines.append(sample(sample_id, "video", video_path(scene), "<video>", [qa], qa[0], scene.subset,
+                                     phrasing))
     return {"pretrain": pretrain, "sft_image": sft_image, "sft_video": sft_video, "test": test_lines}
 
 
@@ -599,6 +674,8 @@ def build_meta(seed, held_out, train, test, images, splits, settings: RenderSett
         "background": list(BACKGROUND),
         "object_diameter": round(object_diameter(settings.size), 3),
         "codec": settings.codec,
+        "test_phrasing": {k: sum(r["phrasing"] == k for r in splits["test"]) for k in ("seen", "held_out")},
+        "phrasings": PHRASINGS,
     }
 
 

@@ -102,7 +102,8 @@ def build_metrics(temporal, mean, preds_t, preds_m, times, ckpt, vision):
     metrics["temporal_accuracy"] = temporal_accuracy(preds_t)
     metrics["ablation_mean"] = None if mean is None else {
         "accuracy": mean.get("accuracy"), "by_category": mean.get("by_category", {}),
-        "by_subset": mean.get("by_subset", {}), "temporal_accuracy": temporal_accuracy(preds_m), "n": mean.get("n"),
+        "by_subset": mean.get("by_subset", {}), "by_phrasing": mean.get("by_phrasing", {}),
+        "temporal_accuracy": temporal_accuracy(preds_m), "n": mean.get("n"),
         "caption_metrics": mean.get("caption_metrics")}
     metrics["demo_seconds"] = times.get("total")
     metrics["peak_rss_gb"] = times.get("peak_rss_gb")
@@ -206,6 +207,7 @@ def section_results(temporal, mean, preds_t, preds_m):
     text += [summary, "", "By category:", "", table(header, rows), "", "By subset (`novel_combo`: colour–shape–motion "
              "triples held out of training; every pair in them was seen):", "",
              table(["subset"] + header[1:], [[r[0]] + r[1:] for r in subset_rows]), ""]
+    text += section_phrasing(temporal, mean, preds_t, row)
     text += section_captions(temporal.get("caption_metrics"), (mean or {}).get("caption_metrics"), mean is not None)
     if temporal.get("skipped"):
         text += [f"Skipped (unreadable) test samples: {temporal['skipped']}.", ""]
@@ -215,6 +217,19 @@ def section_results(temporal, mean, preds_t, preds_m):
              "question each, the model's answer and the reference; green = correct, red = wrong: "
              "[test_grid.png](test_grid.png)", ""]
     return text
+
+
+def section_phrasing(temporal, mean, preds, row):
+    """Accuracy on the questions worded as in training vs in wordings only the test uses (absent when the
+    test records carry no "phrasing")."""
+    if not temporal.get("by_phrasing"):
+        return []
+    counts = count_by(preds, "phrasing")
+    rows = [row(f"phrasing_{k}", counts.get(k, "–"), temporal["by_phrasing"].get(f"phrasing_{k}"),
+                (mean or {}).get("by_phrasing", {}).get(f"phrasing_{k}")) for k in ("seen", "held_out")]
+    header = ["phrasing", "n", "temporal (model)"] + (["mean (ablation)"] if mean else [])
+    return ["By question wording (`phrasing_seen`: worded as in training; `phrasing_held_out`: the same kinds "
+            "of question in wordings used only in the test, `meta.json` → `phrasings`):", "", table(header, rows), ""]
 
 
 def section_captions(temporal, mean, with_mean):
@@ -259,9 +274,16 @@ def section_data(meta):
             f"{c.get('train_videos')} training videos and {c.get('images')} images "
             f"({meta.get('size')} px, {meta.get('frames')} frames at {meta.get('fps')} fps); "
             f"{c.get('test_videos')} test videos ({c.get('novel_combo_test_videos')} with held-out "
-            f"colour–shape–motion combinations) → {c.get('test_samples')} test questions. Samples: "
+            f"colour–shape–motion combinations) → {c.get('test_samples')} test questions"
+            f"{held_out_note(meta.get('test_phrasing'))}. Samples: "
             f"pretrain {c.get('pretrain_samples')}, image SFT {c.get('sft_image_samples')}, "
             f"video SFT {c.get('sft_video_samples')}.", ""]
+
+
+def held_out_note(test_phrasing):
+    if not test_phrasing:
+        return ""
+    return f", {test_phrasing.get('held_out', 0)} of them in held-out wordings"
 
 
 def section_runs(logs, out_dir: Path):

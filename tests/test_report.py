@@ -18,9 +18,11 @@ def fake_metrics(preds):
         return round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0
     cats = {p["category"] for p in preds}
     subsets = {p["subset"] for p in preds}
+    phrasings = {p["phrasing"] for p in preds}
     return {"accuracy": acc(preds), "n": len(preds), "skipped": 0, "seconds": 1.0,
             "by_category": {c: acc([p for p in preds if p["category"] == c]) for c in sorted(cats)},
-            "by_subset": {s: acc([p for p in preds if p["subset"] == s]) for s in sorted(subsets)}}
+            "by_subset": {s: acc([p for p in preds if p["subset"] == s]) for s in sorted(subsets)},
+            "by_phrasing": {f"phrasing_{k}": acc([p for p in preds if p["phrasing"] == k]) for k in sorted(phrasings)}}
 
 
 CAPTIONS = {"temporal": {"bleu4": 0.4321, "rouge_l": 0.6543, "cider": 2.3456, "n": 2, "categories": ["caption"]},
@@ -47,7 +49,7 @@ def fake_run(tmp_path):
     tests = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
     preds = {}
     for name, right_every in (("temporal", 2), ("mean", 3)):
-        preds[name] = [{"id": r["id"], "category": r["category"], "subset": r["subset"],
+        preds[name] = [{"id": r["id"], "category": r["category"], "subset": r["subset"], "phrasing": r["phrasing"],
                         "prediction": "red" if i % right_every else r["conversations"][-1]["content"],
                         "reference": r["conversations"][-1]["content"], "correct": i % right_every == 0}
                        for i, r in enumerate(tests)]
@@ -60,6 +62,10 @@ def fake_run(tmp_path):
     write_json(out / "demo_times.json", {"data": 1.5, "eval": 2.0, "total": 3.5, "peak_rss_gb": 0.5})
     write_json(out / "demo_rss.json", {"data": 0.2, "eval": 0.5})
     return out, data, preds
+
+
+def pct(x):
+    return f"{100 * x:.1f}%"
 
 
 def run_report(out, data):
@@ -77,6 +83,14 @@ def test_report_card(fake_run):
     for category in metrics["by_category"]:
         assert f"| {category}" in text
     assert "novel_combo" in text and "standard" in text
+    assert {p["phrasing"] for p in preds["temporal"]} == {"seen", "held_out"}   # the fake run has both
+    assert "| phrasing | n | temporal (model) | mean (ablation) |" in text
+    for key in ("seen", "held_out"):
+        n = sum(p["phrasing"] == key for p in preds["temporal"])
+        model, ablation = (pct(metrics_of[f"phrasing_{key}"]) for metrics_of in
+                           (metrics["by_phrasing"], metrics["ablation_mean"]["by_phrasing"]))
+        assert f"| phrasing_{key} | {n} | {model} | {ablation} |" in text
+    assert "in held-out wordings" in text
     assert "bash scripts/demo.sh" in text and "loss_curves.png" in text and "test_grid.png" in text
 
     for key in ("accuracy", "by_category", "by_subset", "n", "skipped", "ablation_mean", "temporal_categories",
@@ -105,6 +119,7 @@ def test_report_without_ablation(fake_run):
     text, metrics = run_report(out, data)
     assert metrics["ablation_mean"] is None
     assert "mean (ablation)" not in text and "| category | n | temporal (model) |" in text
+    assert "| phrasing | n | temporal (model) |" in text
     assert "| BLEU-4 | 0.432 |" in text
 
 

@@ -38,6 +38,35 @@ def colour_mask(frames, colour):
     return distance < COLOUR_TOLERANCE
 
 
+def template_regex(template):
+    """A template as a full-match regex, one named group per placeholder."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(re.escape(part) if i % 2 == 0 else rf"(?P<{part}>\w+(?: \w+)?)"
+                              for i, part in enumerate(parts)))
+
+
+def parse_question(text, phrasings=("seen", "held_out")):
+    """(form, phrasing, fills) of every template a question text (marker stripped) is a wording of."""
+    found = []
+    for form, entry in ms.PHRASINGS.items():
+        for phrasing in phrasings:
+            for template in entry[phrasing]:
+                if m := template_regex(template).fullmatch(text):
+                    found.append((form, phrasing, m.groupdict()))
+    return found
+
+
+def user_texts(record):
+    return [t["content"].split("\n")[-1] for t in record["conversations"] if t["role"] == "user"]
+
+
+def direction_object(question):
+    """(colour, shape) a direction question asks about."""
+    (form, _, fills), = parse_question(question.split("\n")[-1])
+    assert form == "direction", question
+    return tuple(fills["object"].split())
+
+
 def caption_objects(caption):
     """(colour, shape, motion) of every object a canonical video caption names."""
     thing = r"an? (\w+) (\w+)"
@@ -108,13 +137,11 @@ def test_test_split_has_both_subsets_all_categories_and_fresh_videos(dataset):
     assert {r["category"] for r in records} == set(ms.TEST_CATEGORY_ORDER)
     assert all(r["video"].startswith("videos/t") for r in records)
     captions = [r for r in records if r["category"] == "caption"]
-    assert all(r["conversations"][0]["content"] == "<video>\nDescribe the video." for r in captions)
+    assert all(parse_question(user_texts(r)[0])[0][0] == "video_caption" for r in captions)
     for record in records:
         if record["category"] != "direction":
             continue
-        question = record["conversations"][0]["content"]
-        colour, shape = re.fullmatch(r"<video>\nWhich way does the (\w+) (\w+) move\?", question).groups()
-        primary = (colour, shape, record["conversations"][1]["content"])
+        primary = (*direction_object(record["conversations"][0]["content"]), record["conversations"][1]["content"])
         assert (primary in held_out) == (record["subset"] == "novel_combo")
 
 
@@ -156,7 +183,7 @@ def test_generated_test_videos_move_as_their_answers_say(dataset):
     out, _ = dataset
     direction_lines = [r for r in read_jsonl(out / "test.jsonl") if r["category"] == "direction"]
     for record in direction_lines:
-        colour = record["conversations"][0]["content"].split()[-3]
+        colour = direction_object(record["conversations"][0]["content"])[0]
         motion = record["conversations"][1]["content"]
         ys, xs = zip(*(np.nonzero(m) for m in colour_mask(read_frames(out / record["video"]), colour)))
         dx, dy = xs[-1].mean() - xs[0].mean(), ys[-1].mean() - ys[0].mean()
@@ -211,7 +238,7 @@ def test_two_object_images_bind_colour_to_shape_in_pixels_and_text(tmp_path):
         first, second = scene.objects
         assert first.colour != second.colour and first.shape != second.shape
         assert (first.position, second.position) in ms.OPPOSITE_POSITIONS + tuple(p[::-1] for p in ms.OPPOSITE_POSITIONS)
-        qa = {category: answer for category, _, answer in ms.image_qa_pairs(scene)}
+        qa = {question.category: question.answer for question in ms.image_questions(scene)}
         assert qa["colour"] == first.colour and qa["shape"] == first.shape and qa["count"] == "two"
         assert f"{first.colour} {first.shape}" in qa["caption"] and f"{second.colour} {second.shape}" in qa["caption"]
         pixels = ms.render_image(scene, 64)
@@ -231,13 +258,93 @@ def test_sequence_training_asks_about_both_movers_and_the_test_about_the_first_o
     for record in read_jsonl(out / "sft_video.jsonl"):
         objects = caption_objects(captions[record["video"]])
         turns = record["conversations"]
-        asked = {(q["content"].split("\n")[-1], a["content"]) for q, a in zip(turns[::2], turns[1::2])}
-        expected = {(f"Which way does the {c} {s} move?", m) for c, s, m in objects}
+        asked = {(direction_object(q["content"]), a["content"]) for q, a in zip(turns[::2], turns[1::2])
+                 if a["content"] in ms.MOTIONS}
+        expected = {((c, s), m) for c, s, m in objects}
         if ", then" in captions[record["video"]]:
-            assert expected <= asked, record["id"]   # both objects' directions, each bound to its object
+            assert asked == expected, record["id"]   # both objects' directions, each bound to its object
             checked += 1
         else:
-            assert len([q for q, _ in asked if q.startswith("Which way")]) == 1, record["id"]
+            assert len(asked) == 1, record["id"]
     assert checked > 0
     for record in read_jsonl(out / "test.jsonl"):
         assert len(record["conversations"]) == 2
+
+
+# ---------------------------------------------------------------- question wordings
+
+
+def test_every_question_kind_has_four_seen_and_two_held_out_distinct_wordings():
+    assert {entry["category"] for entry in ms.PHRASINGS.values()} == set(ms.TEST_CATEGORY_ORDER) | {"position"}
+    templates = [t for entry in ms.PHRASINGS.values() for phrasing in ("seen", "held_out") for t in entry[phrasing]]
+    for form, entry in ms.PHRASINGS.items():
+        seen = 3 if form in ms.CAPTION_FORMS else 4   # the captions keep the three prompts they always had
+        assert len(entry["seen"]) == seen and len(entry["held_out"]) == 2, form
+    assert len(set(templates)) == len(templates) - 1   # "Give a short caption." serves both caption forms
+    for form, entry in ms.PHRASINGS.items():   # a wording tells its own form and set, never another's
+        for phrasing in ("seen", "held_out"):
+            for template in entry[phrasing]:
+                fills = {name: "red circle" if name == "object" else "x" for name in
+                         re.findall(r"\{(\w+)\}", template)}
+                matches = {(f, p) for f, p, _ in parse_question(template.format(**fills))}
+                assert {p for _, p in matches} == {phrasing}, template
+                assert form in {f for f, _ in matches}, template
+
+
+def test_training_files_use_seen_wordings_only(dataset):
+    out, _ = dataset
+    for split in ("pretrain", "sft_image", "sft_video"):
+        for record in read_jsonl(out / f"{split}.jsonl"):
+            assert "phrasing" not in record
+            for text in user_texts(record):
+                found = parse_question(text)
+                assert found and all(phrasing == "seen" for _, phrasing, _ in found), (split, record["id"], text)
+
+
+def test_held_out_wordings_never_appear_in_training(dataset):
+    out, _ = dataset
+    training_text = "\n".join(text for split in ("pretrain", "sft_image", "sft_video")
+                              for record in read_jsonl(out / f"{split}.jsonl") for text in user_texts(record))
+    for entry in ms.PHRASINGS.values():
+        for template in entry["held_out"]:
+            regex = template_regex(template)
+            assert not any(regex.fullmatch(line) for line in training_text.splitlines()), template
+    held_out_texts = {text for record in read_jsonl(out / "test.jsonl") if record["phrasing"] == "held_out"
+                      for text in user_texts(record)}
+    assert held_out_texts and not held_out_texts & set(training_text.splitlines())
+
+
+def test_test_records_carry_their_phrasing_and_both_sets_occur(dataset):
+    out, meta = dataset
+    records = read_jsonl(out / "test.jsonl")
+    assert {r["phrasing"] for r in records} == {"seen", "held_out"}
+    for record in records:
+        (text,) = user_texts(record)
+        found = parse_question(text)
+        assert found and {phrasing for _, phrasing, _ in found} == {record["phrasing"]}, (record["id"], text)
+        assert record["category"] in {ms.PHRASINGS[form]["category"] for form, _, _ in found}
+    assert meta["test_phrasing"] == {k: sum(r["phrasing"] == k for r in records) for k in ("seen", "held_out")}
+    assert meta["phrasings"] == ms.PHRASINGS
+    _, _, test, _ = ms.make_all_scenes(seed=3, n_videos=0, n_images=0, n_test=300, size=64, frames=8)
+    many = ms.build_splits(3, [], test, [])["test"]
+    assert abs(sum(r["phrasing"] == "held_out" for r in many) / len(many) - ms.HELD_OUT_PHRASING_PROBABILITY) < 0.04
+
+
+def test_the_answer_does_not_depend_on_the_wording(dataset):
+    """Every wording of a question, seen or held out, carries the same category and answer; and each test
+    record's answer is its scene's answer to that kind of question, whichever wording it got."""
+    out, _ = dataset
+    _, train, test, images = ms.make_all_scenes(SEED, N_VIDEOS, N_VIDEOS, 60, SIZE, FRAMES)
+    questions = [q for s in train for q in ms.video_questions(s) + ms.second_mover_questions(s)]
+    questions += [q for s in images for q in ms.image_questions(s)]
+    for question in questions + [q for s in test for q in ms.video_questions(s)]:
+        for phrasing in ("seen", "held_out"):
+            drawn = {ms.worded(np.random.default_rng(i), question, phrasing) for i in range(40)}
+            assert {(c, a) for c, _, a in drawn} == {(question.category, question.answer)}
+            assert {t for _, t, _ in drawn} == {t.format(**question.fills) for t in ms.PHRASINGS[question.form][phrasing]}
+    answers = {(s.name, q.category): q.answer for s in test for q in ms.video_questions(s)}
+    records = read_jsonl(out / "test.jsonl")
+    assert len(records) == len(answers)
+    for record in records:
+        key = (record["video"].removeprefix("videos/").removesuffix(".mp4"), record["category"])
+        assert record["conversations"][1]["content"] == answers[key], record["id"]
