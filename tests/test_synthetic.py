@@ -291,6 +291,14 @@ def test_every_question_kind_has_four_seen_and_two_held_out_distinct_wordings():
                 assert form in {f for f, _ in matches}, template
 
 
+def test_held_out_wordings_recombine_words_of_the_seen_ones():
+    words = lambda text: set(re.findall(r"[a-z]+", text.lower()))  # noqa: E731
+    seen = set().union(*(words(t) for entry in ms.PHRASINGS.values() for t in entry["seen"]))
+    for form, entry in ms.PHRASINGS.items():
+        for template in entry["held_out"]:
+            assert words(template) <= seen, (form, template, words(template) - seen)
+
+
 def test_training_files_use_seen_wordings_only(dataset):
     out, _ = dataset
     for split in ("pretrain", "sft_image", "sft_video"):
