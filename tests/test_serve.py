@@ -1,8 +1,9 @@
-"""scripts/serve_openai_api.py on loopback with a tiny trained checkpoint: the real `openai` client asks about text, an
-image and a video (data URLs and paths under --media_root), streamed and not, over several turns, and gets the
-engine's own greedy answers (eval.py --prompt's); the bad-input table over raw HTTP (a 4xx OpenAI error each, the
-server answering afterwards); 6 concurrent streaming clients batched token by token; a client that leaves stops
-its generation; 429 when the queue is full; 401 without the --api_key, through the command line."""
+"""scripts/serve_openai_api.py on loopback with a tiny trained checkpoint: the real `openai` client asks about text,
+an image and a video (data URLs, paths under --media_root, http when allowed), streamed and not, over several
+turns, and gets the engine's own greedy answers (eval.py --prompt's); the bad-input table over raw HTTP (a 4xx
+OpenAI error each, the server answering afterwards); 6 concurrent streaming clients batched token by token; a
+client that leaves stops its generation; 429 when the queue is full; 401 without the --api_key, through the
+command line."""
 import base64
 import json
 import os
@@ -194,6 +195,30 @@ def test_paths_under_the_media_root_are_read_and_escapes_refused(server, synthet
         with pytest.raises(openai.BadRequestError, match="outside the server's media root|no such file"):
             client.chat.completions.create(
                 model=MODEL, messages=ask_about({"type": "video_url", "video_url": {"url": url}}, question), **GREEDY)
+
+
+def test_remote_media_is_fetched_only_when_allowed(server, synthetic, cases):
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    video, question, expected = cases[0]
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(synthetic))
+    handler.log_message = lambda *args: None
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    remote = serve_engine(server.app.state.engine, media=MediaPolicy(allow_remote=True, max_bytes=2 << 20))
+    base = f"http://127.0.0.1:{files.server_address[1]}/videos/"
+    try:
+        reply = remote.client().chat.completions.create(
+            model=MODEL, messages=ask_about({"type": "video_url", "video_url": {"url": base + video.name}}, question),
+            **GREEDY)
+        assert reply.choices[0].message.content == expected
+        with pytest.raises(openai.BadRequestError, match="HTTP 404"):
+            remote.client().chat.completions.create(
+                model=MODEL, messages=ask_about({"type": "video_url", "video_url": {"url": base + "none.mp4"}},
+                                                question), **GREEDY)
+    finally:
+        remote.close()
+        files.shutdown()
 
 
 def test_max_tokens_stop_and_seed(server, reference, cases):
