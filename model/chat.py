@@ -74,6 +74,7 @@ class ChatEncoder:
         # Role lines, questions and short answers recur in sample after sample, and each tokenizer
         # call is slow Python: cached, data loading stops showing in a step (docs/findings.md).
         self._text_ids = {}
+        self.cache_entries = TEXT_CACHE_ENTRIES   # a server sets 0: its prompts rarely recur, and would pile up
         self.newline = self.text("\n")
 
     def text(self, s: str) -> list:
@@ -82,7 +83,7 @@ class ChatEncoder:
             # split_special_tokens: "<|im_start|>" typed by a user is text, never a control token.
             # verbose=False: the dataset checks lengths against max_len itself (one line per skipped sample).
             ids = self.tok(s, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-            if len(self._text_ids) < TEXT_CACHE_ENTRIES:
+            if len(self._text_ids) < self.cache_entries:
                 self._text_ids[s] = ids
         return list(ids)
 

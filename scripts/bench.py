@@ -4,6 +4,7 @@ prints a table and writes out/bench.json.
 
     python scripts/bench.py                      # every CPU section (~20 min on 2 cores); CUDA section when a GPU is present
     python scripts/bench.py --only lm,decode     # some sections (merged into an existing out/bench.json)
+    python scripts/bench.py --only serve         # the OpenAI server: 8 clients batched vs one at a time, memory under load (~1 min)
     python scripts/bench.py --run_demo           # also run scripts/demo.sh (~8 min) for demo_wall_s / demo_peak_rss_gb
 
 Ours and theirs alternate (A B, B A, ...) and ratios are medians of per-round ratios, so a shared,
@@ -15,6 +16,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import base64
 import datetime
 import json
 import math
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -40,7 +43,7 @@ from model.engine import SamplingOptions, generate_tokens
 from model.vlm import VideoLLM
 from trainer.optim import make_optimizer
 
-SECTIONS = ("lm", "decode", "frames", "cache", "demo", "gpu")
+SECTIONS = ("lm", "decode", "frames", "cache", "serve", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
 SHAPES = {
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),  # the demo LM's width, 4 layers
@@ -49,7 +52,9 @@ SHAPES = {
 }
 # Goals: (key, comparison, target).
 GOALS = [("train_vs_hf", ">=", 1.3), ("decode_vs_hf", ">=", 2.0), ("frames_vs_decode_all", ">=", 10.0),
-         ("cached_vs_online", ">=", 10.0), ("demo_wall_s", "<=", 600.0), ("demo_peak_rss_gb", "<=", 4.0),
+         ("cached_vs_online", ">=", 10.0), ("serve_batched_vs_sequential", ">=", 3.0),
+         ("serve_batched_vs_sequential_text", ">=", 3.0), ("serve_rss_ratio", "<=", 1.5),
+         ("demo_wall_s", "<=", 600.0), ("demo_peak_rss_gb", "<=", 4.0),
          ("gpu_mfu_104M", ">=", 0.35)]
 # Dense bf16 peak of known GPUs (FLOP/s, from their data sheets); others use a measured matmul peak.
 GPU_PEAKS = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -377,9 +382,8 @@ def run(cmd, what):
     return result
 
 
-def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
-    """A video-SFT training step (train_sft.py, the demo's shapes) with cached CLIP features vs
-    features computed online (frames decoded in DataLoader workers, CLIP in the step)."""
+def demo_data(n_videos: int = 64) -> tuple:
+    """(a small synthetic dataset's folder, a tokenizer trained on it), written once under out/bench/."""
     from dataset.synthetic import generate
     from model.tokenizer import train_tokenizer
     data = BENCH / "data"
@@ -389,6 +393,13 @@ def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
     tokenizer = BENCH / "tokenizer"
     if not (tokenizer / "tokenizer.json").exists():
         train_tokenizer([data / "sft_video.jsonl"], tokenizer, 1024)
+    return data, tokenizer
+
+
+def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
+    """A video-SFT training step (train_sft.py, the demo's shapes) with cached CLIP features vs
+    features computed online (frames decoded in DataLoader workers, CLIP in the step)."""
+    data, tokenizer = demo_data(n_videos)
     weights = vision_weights(image_size)
     vision = ["--clip_model", DEMO_TOWER, "--clip_image_size", str(image_size), "--clip_pretrained", weights]
     run(["scripts/extract_features.py", "--data", data / "sft_video.jsonl", *vision, "--num_frames", "8"],
@@ -417,6 +428,204 @@ def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
             "cached_step_s": round(median(step_s["cached"]), 4), "online_step_s": round(median(step_s["online"]), 4),
             "ratio": speed_ratio(step_s["cached"], step_s["online"]),
             "cache_bytes_per_video": round(cache_bytes / len(manifest)), "cached_videos": len(manifest)}
+
+
+# ---------------------------------------------------------------- serving
+
+SERVE_CLIENTS, SERVE_LOAD, SERVE_TOKENS = 8, 200, 64
+SERVE_QUESTIONS = ("Describe the video.", "What happens in the video?", "Which shape moves first?",
+                   "How many shapes are in the video?")
+
+
+def serve_checkpoint(image_size: int = 128) -> Path:
+    """A checkpoint of the demo's shapes (LM 128×2, vocab 1024; ViT-Demo-16 at 128 px, 8 frames, 8 visual
+    tokens) with lively random LM weights, written once: greedy answers run to max_tokens in varied
+    tokens, so every request decodes alike and both servers' answers can be compared token for token."""
+    from model.checkpoint import save_checkpoint
+    from model.chat import ChatEncoder, load_tokenizer
+    from model.vision import FrameEncoder
+    _, tokenizer = demo_data()
+    path = BENCH / "serve" / "serve_random_128.safetensors"
+    if path.exists():
+        return path
+    vision = VisionConfig(clip_model=DEMO_TOWER, clip_image_size=image_size, clip_pretrained=str(vision_weights(image_size)),
+                          num_frames=8, num_visual_tokens=8, summary_dim=128,
+                          vision_token_id=ChatEncoder(load_tokenizer(tokenizer), 8).vision_pad)
+    vision.clip_dim = FrameEncoder(vision).dim
+    torch.manual_seed(0)
+    model = VideoLLM(LMConfig(vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                              intermediate_size=384), vision)
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, p.shape[1] ** -0.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, path, stage="video", step=0, tokenizer=str(tokenizer))
+    return path
+
+
+class ServerProcess:
+    """scripts/serve_openai_api.py on a free loopback port, in its own process (so its memory is its own)."""
+
+    def __init__(self, weight: Path, max_batch: int, max_queue: int, threads: int):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **({"OMP_NUM_THREADS": str(threads)} if threads > 0 else {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "scripts/serve_openai_api.py", "--weight", str(weight), "--port", str(self.port),
+             "--max_batch", str(max_batch), "--max_queue", str(max_queue), "--device", "cpu", "--log_level", "warning"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_until_up()
+
+    def _wait_until_up(self, timeout_s: float = 120):
+        import httpx
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise BenchError(f"the server exited: {(self.process.stderr.read().strip().splitlines() or ['?'])[-1]}")
+            try:
+                httpx.get(self.url + "/v1/models", timeout=1)
+                return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise BenchError("the server did not start in time")
+
+    def memory(self, field: str = "VmRSS") -> int:
+        """Bytes of /proc/<pid>/status's field: VmRSS now, VmHWM the peak."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise BenchError(f"no {field} in /proc/{self.process.pid}/status")
+
+    def reset_peak(self) -> bool:
+        """Start VmHWM afresh at the current RSS (Linux: clear_refs 5); False where that is not allowed."""
+        try:
+            Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def serve_requests(count: int, with_video: bool) -> list:
+    """Greedy chat requests of SERVE_TOKENS new tokens at most: questions about the bench's synthetic videos
+    (sent as data: URLs), or the questions alone (numbered, so prompts differ in length too)."""
+    data, _ = demo_data()
+    videos = sorted((data / "videos").glob("v*.mp4"))
+    bodies = []
+    for i in range(count):
+        question = SERVE_QUESTIONS[i % len(SERVE_QUESTIONS)]
+        if with_video:
+            url = "data:video/mp4;base64," + base64.b64encode(videos[i % len(videos)].read_bytes()).decode()
+            content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}]
+        else:
+            content = f"Question {i + 1} of {count}. {question}"
+        bodies.append({"model": "serve_random_128", "messages": [{"role": "user", "content": content}],
+                       "temperature": 0, "max_tokens": SERVE_TOKENS})
+    return bodies
+
+
+def fire(url: str, bodies: list) -> dict:
+    """Send every request at once → wall seconds (from the first send to the last answer; the client is
+    made before), per-request latencies, completion tokens, answers and statuses."""
+    import asyncio
+    import httpx
+
+    async def one(client, body):
+        start = time.perf_counter()
+        response = await client.post(url + "/v1/chat/completions", json=body)
+        reply = response.json() if response.status_code == 200 else None
+        return time.perf_counter() - start, response.status_code, reply
+
+    async def every():
+        limits = httpx.Limits(max_connections=len(bodies) + 8)
+        async with httpx.AsyncClient(timeout=600, limits=limits, verify=False) as client:   # loopback http: no TLS
+            start = time.perf_counter()
+            done = await asyncio.gather(*(one(client, b) for b in bodies))
+            return time.perf_counter() - start, done
+
+    wall, done = asyncio.run(every())
+    replies = [reply for _, _, reply in done]
+    return {"wall_s": wall, "latencies": [t for t, _, _ in done], "statuses": [s for _, s, _ in done],
+            "tokens": sum(r["usage"]["completion_tokens"] for r in replies if r),
+            "answers": [r["choices"][0]["message"]["content"] if r else None for r in replies]}
+
+
+def quantile(values: list, q: float) -> float:
+    return round(statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1], 4)
+
+
+def memory_under_load(server: ServerProcess) -> dict:
+    """The server's peak RSS while SERVE_LOAD requests arrive at once, against its RSS at rest before."""
+    bodies = serve_requests(SERVE_LOAD, with_video=True)
+    idle = server.memory("VmRSS")
+    exact = server.reset_peak()   # else the peak of start-up (loading) would count
+    samples, stop = [idle], threading.Event()
+
+    def sample():   # a fallback where the peak cannot be reset, and a check where it can
+        while not stop.wait(0.01):
+            samples.append(server.memory())
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        load = fire(server.url, bodies)
+    finally:
+        stop.set()
+        sampler.join()
+    peak = max(server.memory("VmHWM") if exact else 0, max(samples))
+    if any(status != 200 for status in load["statuses"]):
+        raise BenchError(f"serve: {sum(s != 200 for s in load['statuses'])} of {SERVE_LOAD} requests under load failed")
+    return {"requests": SERVE_LOAD, "idle_rss_mb": round(idle / 2 ** 20, 1), "peak_rss_mb": round(peak / 2 ** 20, 1),
+            "rss_ratio": round(peak / idle, 3), "peak_from": "VmHWM after clear_refs" if exact else "10 ms samples",
+            "wall_s": round(load["wall_s"], 2), "tok_s": round(load["tokens"] / load["wall_s"], 1),
+            "p50_s": quantile(load["latencies"], 0.5), "p95_s": quantile(load["latencies"], 0.95)}
+
+
+def compare_servers(servers: dict, bodies: list, rounds: int) -> dict:
+    """The same requests, all at once, to each server in alternating rounds: tokens/s, their ratio, latencies."""
+    runs = {name: [] for name in servers}
+
+    def round_on(name):
+        return lambda: runs[name].append(fire(servers[name].url, bodies))
+    alternate({name: round_on(name) for name in servers}, rounds)   # the order; fire() times its own requests
+    runs = {name: r[1:] for name, r in runs.items()}   # the first of each is the warm-up round
+    times = {name: [r["wall_s"] for r in runs[name]] for name in runs}
+    every = [r for name in runs for r in runs[name]]
+    if any(status != 200 for r in every for status in r["statuses"]):
+        raise BenchError("serve: a request of the concurrent clients failed")
+    tokens = every[0]["tokens"]
+    latencies = {name: [t for r in runs[name] for t in r["latencies"]] for name in runs}
+    return {"tokens_per_round": tokens, "batched_tok_s": round(tokens / median(times["batched"]), 1),
+            "sequential_tok_s": round(tokens / median(times["sequential"]), 1),
+            "ratio": speed_ratio(times["batched"], times["sequential"]),
+            "same_answers": all(r["answers"] == every[0]["answers"] for r in every),
+            "p50_s": quantile(latencies["batched"], 0.5), "p95_s": quantile(latencies["batched"], 0.95),
+            "sequential_p50_s": quantile(latencies["sequential"], 0.5),
+            "sequential_p95_s": quantile(latencies["sequential"], 0.95)}
+
+
+def bench_serve(rounds: int, threads: int) -> dict:
+    """SERVE_CLIENTS concurrent clients (one request each) on the server batching them vs the same server
+    code with --max_batch 1, with and without a video per request; then memory under SERVE_LOAD requests."""
+    weight = serve_checkpoint()
+    servers = {"batched": ServerProcess(weight, SERVE_CLIENTS, SERVE_LOAD, threads),
+               "sequential": ServerProcess(weight, 1, SERVE_LOAD, threads)}
+    try:
+        video = compare_servers(servers, serve_requests(SERVE_CLIENTS, with_video=True), rounds)
+        text = compare_servers(servers, serve_requests(SERVE_CLIENTS, with_video=False), rounds)
+        load = memory_under_load(servers["batched"])
+    finally:
+        for server in servers.values():
+            server.close()
+    return {"clients": SERVE_CLIENTS, "max_tokens": SERVE_TOKENS, "rounds": rounds,
+            "model": "demo shapes, random weights (LM 128x2, ViT-Demo-16 @128 px, 8 frames), greedy",
+            "video": video, "text": text, "load": load}
 
 
 # ---------------------------------------------------------------- demo and GPU
@@ -500,6 +709,7 @@ def parse_args(argv=None):
     p.add_argument("--frame_rounds", type=int, default=3)
     p.add_argument("--cache_rounds", type=int, default=2, help="training-run pairs (cached, online)")
     p.add_argument("--cache_steps", type=int, default=6, help="optimizer steps per training run")
+    p.add_argument("--serve_rounds", type=int, default=5, help="alternating rounds of 8 clients (batched, one at a time)")
     p.add_argument("--video_seconds", type=int, default=60)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for both sides (0: torch's default); training runs get OMP_NUM_THREADS")
@@ -553,6 +763,15 @@ def cache_section(args, device, workdir):
         cache_bytes_per_video=demo_size["cache_bytes_per_video"])
 
 
+def serve_section(args, device, workdir):
+    log(f"serve: {SERVE_CLIENTS} concurrent clients, batched vs one at a time; memory under {SERVE_LOAD} requests ...")
+    serve = bench_serve(args.serve_rounds, args.threads)
+    video, text = serve["video"], serve["text"]
+    return serve, dict(serve_batched_vs_sequential=video["ratio"], serve_batched_vs_sequential_text=text["ratio"],
+                       serve_tok_s=video["batched_tok_s"], serve_tok_s_text=text["batched_tok_s"],
+                       serve_p50_s=video["p50_s"], serve_p95_s=video["p95_s"], serve_rss_ratio=serve["load"]["rss_ratio"])
+
+
 def demo_section(args, device, workdir):
     """The demo's times as read (or measured): the one section whose detail carries no measured_at."""
     demo = demo_times(args.run_demo)
@@ -576,7 +795,7 @@ def gpu_section(args, device, workdir):
 
 # Each section: (args, CPU device, scratch folder) → (its details, the values it adds to the table).
 SECTION_RUNS = {"lm": lm_section, "decode": decode_section, "frames": frames_section, "cache": cache_section,
-                "demo": demo_section, "gpu": gpu_section}
+                "serve": serve_section, "demo": demo_section, "gpu": gpu_section}
 
 
 def chosen_sections(only: str) -> list:
