@@ -140,7 +140,7 @@ def video_checkpoint(workdir, synthetic, fresh_flags, train) -> Path:
     """A tiny video model trained from scratch just long enough to answer with words, not only <|im_end|>."""
     out = workdir / "eval_out"
     result = train("train_sft.py", "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}",
-                   f"--out_dir={out}", *fresh_flags, "--max_steps=150", "--learning_rate=5e-3",
+                   f"--out_dir={out}", *fresh_flags, "--max_steps=250", "--learning_rate=5e-3",
                    "--warmup_steps=2")
     assert result.returncode == 0, result.stderr
     return out / "sft_video_32.safetensors"
