@@ -79,7 +79,7 @@ class ConversationDataset(Dataset):
 
     def __init__(self, jsonl_path, chat, num_frames: int, max_len: int, media_root=None,
                  cache=None, preprocess=None, for_generation=False, strict=False, fps=None, need_times=False,
-                 slot_count=None):
+                 slot_counts=None):
         self.path = str(jsonl_path)
         self.rows = read_jsonl(jsonl_path)
         self.chat, self.num_frames, self.max_len = chat, num_frames, max_len
@@ -88,8 +88,8 @@ class ConversationDataset(Dataset):
         self.cache, self.preprocess = cache, preprocess
         self.for_generation, self.strict = for_generation, strict
         self.need_times = need_times   # the model reads frame times: a media without a clock is unusable
-        # slot_count(n_frames, times) → a media's visual tokens, when they vary with its duration (else K each)
-        self.slot_count = slot_count
+        # slot_counts(media) → each media's visual tokens, when they vary with duration (None: K each)
+        self.slot_counts = slot_counts
 
     def __len__(self):
         return len(self.rows)
@@ -137,7 +137,7 @@ class ConversationDataset(Dataset):
             conversations = conversations[:-1]
         check_turns(conversations)
         media = self._media(record, marker_kinds(conversations))   # first: a media's slots may follow its duration
-        counts = None if self.slot_count is None else [self.slot_count(len(m.values), m.times) for m in media]
+        counts = None if self.slot_counts is None else self.slot_counts(media)
         ids, labels, _ = self.chat.encode(conversations, add_generation_prompt=self.for_generation,
                                           slot_counts=counts)
         if not self.for_generation and all(x == IGNORE for x in labels):

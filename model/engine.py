@@ -22,7 +22,7 @@ from dataset.vlm_dataset import ConversationDataset, MediaEntry, VisualInputs, c
 from model.chat import BadSample, ChatEncoder, TokenizerError, check_turns, load_tokenizer, marker_kinds
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info
-from model.video_summary import media_slot_counter, visual_token_counts
+from model.video_summary import media_slot_counts, visual_token_counts
 from model.vision import FrameEncoder, VisionWeightsError
 
 MEDIA_KINDS = ("video", "image")
@@ -186,8 +186,7 @@ class Engine:
         entries = [seen_entry(item) for item in media]
         for i, entry in enumerate(entries):
             self._check_features(i, entry)
-        counter = media_slot_counter(self.model.vision_cfg)
-        counts = None if counter is None else [counter(len(e.values), e.times) for e in entries]
+        counts = media_slot_counts(self.model.vision_cfg, entries)
         return self.chat.encode(conversation, add_generation_prompt=True, slot_counts=counts)[0]
 
     def reply(self, conversation, media=(), options=SamplingOptions(), stream=None) -> str:
@@ -281,7 +280,7 @@ class Engine:
         data = ConversationDataset(data_path, self.chat, cfg.num_frames, self.max_seq_len, media_root=media_root,
                                    cache=open_cache(data_dir, cfg, feature_dir), for_generation=True,
                                    fps=sampling_rate(cfg), need_times=cfg.reads_frame_times,
-                                   slot_count=media_slot_counter(cfg))
+                                   slot_counts=partial(media_slot_counts, cfg))
         encoder = self.encoder if data.uncached() else None
         if encoder:
             data.preprocess = encoder.clip_inputs   # pixels are decoded and transformed in the loader's workers

@@ -1,6 +1,5 @@
 """VideoSummary: per-frame CLIP features (N, T, d_clip) → K visual tokens (N, K, d), aware of frame order and time."""
 import math
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -105,10 +104,12 @@ def media_token_count(cfg: VisionConfig, n_frames: int, times=None) -> int:
     return int(visual_token_counts(cfg, mask, None if times is None else torch.as_tensor(times).reshape(1, -1))[0])
 
 
-def media_slot_counter(cfg: VisionConfig):
-    """What the datasets and the engine call to size a media's slots, (n_frames, times) → tokens; None
-    when every media gets num_visual_tokens."""
-    return partial(media_token_count, cfg) if cfg.segment_seconds else None
+def media_slot_counts(cfg: VisionConfig, media):
+    """The slots the text gives each media (items with .values, one row per frame, and .times), in
+    order, as the datasets and the engine size them; None when every media gets num_visual_tokens."""
+    if not cfg.segment_seconds:
+        return None
+    return [media_token_count(cfg, len(m.values), m.times) for m in media]
 
 
 def segment_pool(frame_mask, frame_times, seconds: float, max_segments: int):
@@ -209,7 +210,7 @@ class MeanSummary(nn.Module):
         self.input_proj = nn.Linear(cfg.clip_dim, cfg.summary_dim)
         self.slots = nn.Parameter(torch.randn(cfg.num_visual_tokens, cfg.summary_dim) * 0.02)
         self.norm = RMSNorm(cfg.summary_dim, 1e-5)
-        self.cfg, self.segment_seconds = cfg, cfg.segment_seconds
+        self.cfg = cfg
 
     def forward(self, features, frame_mask, frame_times=None):
         """As TemporalSummary's: with segment_seconds, as many tokens as it would give (the same budget),
@@ -217,7 +218,7 @@ class MeanSummary(nn.Module):
         weights = frame_mask.to(features.dtype).unsqueeze(-1)
         mean = (features * weights).sum(1) / weights.sum(1).clamp(min=1)
         x = self.norm(self.input_proj(self.input_norm(mean)).unsqueeze(1) + self.slots)
-        if not self.segment_seconds:
+        if not self.cfg.segment_seconds:
             return x, None
         counts = visual_token_counts(self.cfg, frame_mask, frame_times)
         K = int(counts.max())

@@ -328,11 +328,12 @@ def test_rerunning_extraction_gives_an_old_cache_its_frame_times(tmp_path, synth
 
 def test_a_segment_model_gives_each_media_the_slots_its_duration_asks_for(tmp_path, chat, synthetic, frame_encoder):
     from model.config import VisionConfig
-    from model.video_summary import media_slot_counter
-    counter = media_slot_counter(VisionConfig(num_visual_tokens=8, segment_seconds=1.0))
+    from functools import partial
+    from model.video_summary import media_slot_counts
+    counter = partial(media_slot_counts, VisionConfig(num_visual_tokens=8, segment_seconds=1.0))
     image = next((synthetic / "images").iterdir()).relative_to(synthetic).as_posix()
     path = write_jsonl(tmp_path / "data.jsonl", [record(VIDEO), record(image, "<image>\nWhat?", kind="image")])
-    data = make_dataset(path, chat, synthetic, frame_encoder, slot_count=counter)
+    data = make_dataset(path, chat, synthetic, frame_encoder, slot_counts=counter)
     # Frames at 0.25, 0.75, 1.25, 1.75 s: two 1-s segments, a pair each; an image is one segment.
     assert [int((data[i]["input_ids"] == chat.vision_pad).sum()) for i in range(2)] == [4, 2]
     fixed = make_dataset(path, chat, synthetic, frame_encoder)

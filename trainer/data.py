@@ -1,5 +1,6 @@
 """The training and validation datasets, the frozen encoder when features are not cached, and the feature statistics."""
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from dataset.features import open_cache
 from dataset.media import sampling_rate
 from dataset.vlm_dataset import ConversationDataset, visual_inputs
 from model.config import VisionConfig
-from model.video_summary import media_slot_counter
+from model.video_summary import media_slot_counts
 from model.vision import FrameEncoder
 from trainer.errors import TrainingError
 
@@ -22,7 +23,7 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
     cache = open_cache(data_dir, cfg, args.feature_dir)
     common = dict(chat=chat, num_frames=cfg.num_frames, max_len=args.max_len, media_root=args.media_root,
                   cache=cache, fps=sampling_rate(cfg), need_times=cfg.reads_frame_times,
-                  slot_count=media_slot_counter(cfg))
+                  slot_counts=partial(media_slot_counts, cfg))
     train = ConversationDataset(args.data_path, **common)
     if args.val_path:
         val = ConversationDataset(args.val_path, **common)
