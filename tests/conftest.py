@@ -147,6 +147,33 @@ def video_checkpoint(workdir, synthetic, fresh_flags, train) -> Path:
 
 
 @pytest.fixture(scope="session")
+def caption_checkpoint(workdir, synthetic, fresh_flags, train) -> Path:
+    """A tiny video model trained only on the caption turns of sft_video.jsonl, so that it answers every
+    question with a sentence of many tokens: what streaming tests need to see partial answers. (The
+    general checkpoint above answers most caption prompts in one word, and which ones changes with the
+    run's tokenizer and numerics.)"""
+    from dataset.synthetic import PHRASINGS
+    prompts = set(PHRASINGS["video_caption"]["seen"])
+    records = []
+    for line in (synthetic / "sft_video.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        turns = record["conversations"]
+        for ask, answer in zip(turns[::2], turns[1::2]):
+            if ask["content"].replace("<video>", "").strip() in prompts:
+                records.append({"id": f"{record['id']}-{len(records)}", "video": record["video"],
+                                "conversations": [{"role": "user", "content": "<video>\n" + ask["content"].replace("<video>", "").strip()},
+                                                  {"role": "assistant", "content": answer["content"]}],
+                                "category": "caption"})
+    data = synthetic.parent / "captions_only.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = workdir / "caption_out"
+    result = train("train_sft.py", "--stage=video", f"--data_path={data}", f"--media_root={synthetic}",
+                   f"--out_dir={out}", *fresh_flags, "--max_steps=250", "--learning_rate=5e-3", "--warmup_steps=2")
+    assert result.returncode == 0, result.stderr
+    return out / "sft_video_32.safetensors"
+
+
+@pytest.fixture(scope="session")
 def feature_cache(workdir, synthetic, frame_encoder) -> Path:
     """The feature cache of sft_video.jsonl's media for the tiny tower (runs that need no CLIP are faster)."""
     from dataset.features import FeatureWriter

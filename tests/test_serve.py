@@ -64,22 +64,22 @@ def serve_engine(engine, **config) -> Running:
 
 
 @pytest.fixture(scope="module")
-def reference(video_checkpoint):
+def reference(caption_checkpoint):
     """The one-at-a-time engine the answers are compared with (eval.py's path, its own model copy)."""
-    return Engine.load(weight=str(video_checkpoint), device="cpu")
+    return Engine.load(weight=str(caption_checkpoint), device="cpu")
 
 
 @pytest.fixture(scope="module")
-def server(video_checkpoint, synthetic):
-    running = serve_engine(Engine.load(weight=str(video_checkpoint), device="cpu"),
+def server(caption_checkpoint, synthetic):
+    running = serve_engine(Engine.load(weight=str(caption_checkpoint), device="cpu"),
                            media=MediaPolicy(root=synthetic, max_bytes=2 << 20))
     yield running
     running.close()
 
 
 @pytest.fixture(scope="module")
-def slow_engine(video_checkpoint):
-    engine = Engine.load(weight=str(video_checkpoint), device="cpu")
+def slow_engine(caption_checkpoint):
+    engine = Engine.load(weight=str(caption_checkpoint), device="cpu")
     engine.model.lm.register_forward_pre_hook(lambda module, args: time.sleep(SLOW_STEP_S))
     return engine
 
@@ -146,10 +146,10 @@ def test_text_image_and_video_get_the_engine_s_greedy_answers(server, reference,
                                                                SamplingOptions(max_new_tokens=64))
 
 
-def test_a_greedy_answer_is_eval_py_s_answer(server, video_checkpoint, cases, capsys):
+def test_a_greedy_answer_is_eval_py_s_answer(server, caption_checkpoint, cases, capsys):
     import eval as evaluation
     video, question, _ = cases[0]
-    evaluation.main(["--weight", str(video_checkpoint), "--video", str(video), "--prompt", question, "--device", "cpu"])
+    evaluation.main(["--weight", str(caption_checkpoint), "--video", str(video), "--prompt", question, "--device", "cpu"])
     printed = capsys.readouterr().out.strip()
     reply = server.client().chat.completions.create(model=MODEL, messages=ask_about(video_part(video), question), **GREEDY)
     assert printed and reply.choices[0].message.content == printed
@@ -401,11 +401,11 @@ def test_a_full_queue_answers_429_and_the_server_recovers(slow_engine, cases):
 # ---------------------------------------------------------------- the command line
 
 
-def test_the_command_line_serves_with_an_api_key(video_checkpoint, cases):
+def test_the_command_line_serves_with_an_api_key(caption_checkpoint, cases):
     video, question, expected = cases[0]
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    process = subprocess.Popen([sys.executable, "scripts/serve_openai_api.py", "--weight", str(video_checkpoint),
+    process = subprocess.Popen([sys.executable, "scripts/serve_openai_api.py", "--weight", str(caption_checkpoint),
                                 "--port", str(port), "--api_key", "sekret", "--device", "cpu", "--log_level", "warning"],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -19,7 +19,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(video_checkpoint, tmp_path_factory):
+def server(caption_checkpoint, tmp_path_factory):
     """The demo on 127.0.0.1 (its default host) over an out/ with the tiny video checkpoint and a copy of it
     under another name; (url, out dir)."""
     pytest.importorskip("gradio", reason="the web demo needs gradio (pip install gradio)")
@@ -27,7 +27,7 @@ def server(video_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("web") / "out"
     out.mkdir()
     for name in ("sft_video_32", "sft_video_32_copy"):
-        shutil.copy(video_checkpoint, out / f"{name}.safetensors")
+        shutil.copy(caption_checkpoint, out / f"{name}.safetensors")
     args = web_demo.parse_args(["--weight", "sft_video_32", "--out_dir", str(out), "--port", str(free_port()),
                                 "--device", "cpu", "--max_upload_mb", "1"])
     assert args.host == "127.0.0.1"
@@ -46,16 +46,12 @@ def eval_answer(checkpoint, video, question=QUESTION) -> str:
 
 
 def several_word_answer(checkpoint, synthetic):
-    """(test video, question, eval.py's answer) for the first caption question and test video the
-    tiny model answers in several words: a one-word answer may arrive as one token, leaving no
-    partial state to see streamed. (Which of the two prompts the barely trained model answers with
-    a sentence changes with the data and tokenizer.)"""
-    for question in (QUESTION, "Describe the video."):
-        for video in sorted((synthetic / "videos").glob("t*.mp4")):
-            answer = eval_answer(checkpoint, video, question)
-            if len(answer.split()) >= 2:
-                return video, question, answer
-    pytest.fail("the tiny model answers the caption prompts in one word for every test video")
+    """(test video, question, eval.py's answer) for the first test video: a sentence of many tokens from
+    the caption-trained checkpoint, so the stream has partial states to see."""
+    video = sorted((synthetic / "videos").glob("t*.mp4"))[0]
+    answer = eval_answer(checkpoint, video)
+    assert len(answer.split()) >= 3, answer
+    return video, QUESTION, answer
 
 
 def text_of(content) -> str:
