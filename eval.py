@@ -89,11 +89,7 @@ def one_line_summary(metrics) -> dict:
 
 def chat(engine, args, options):
     """Interactive (or single --prompt) conversation; the media stays part of every turn."""
-    media, markers = [], ""
-    for kind, path in (("image", args.image), ("video", args.video)):
-        if path:
-            media.append(engine.read_media(path, kind)[1])
-            markers += f"<{kind}>\n"
+    media, markers = engine.read_attachments(image=args.image, video=args.video)
     conversation = []
     interactive = args.prompt is None
     if interactive:

@@ -170,6 +170,24 @@ class Engine:
         clip = read_clip(path, kind, cfg.num_frames, sampling_rate(cfg), cfg.reads_frame_times)
         return clip.pixels, MediaEntry("features", self.encoder.encode(clip.pixels), torch.from_numpy(clip.times))
 
+    def read_attachments(self, image=None, video=None):
+        """(what the model sees of each given file, the markers a first user turn starts with): the
+        image before the video, as eval.py and the exported transformers model put them."""
+        media, markers = [], ""
+        for kind, path in (("image", image), ("video", video)):
+            if path:
+                media.append(self.read_media(str(path), kind)[1])
+                markers += f"<{kind}>\n"
+        return media, markers
+
+    def to(self, device):
+        """Move the model (and the encoder, once loaded) to another device."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self._encoder is not None:
+            self._encoder = FrameEncoder(self.model.vision_cfg, self.device)
+        return self
+
     # ------------------------------------------------------------ answering
 
     def prompt_ids(self, conversation, media=()) -> list:

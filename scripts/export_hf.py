@@ -1,8 +1,7 @@
-"""Export one of our checkpoints as a Hugging Face folder (LlamaForCausalLM LM + tokenizer + the whole video model
-+ a model card) and, with --push_to_hub, upload that folder with huggingface_hub."""
+"""Export one of our checkpoints as a Hugging Face folder (the LM as LlamaForCausalLM, the whole video model behind
+AutoModel with trust_remote_code, tokenizer, model card) and, with --push_to_hub, upload it with huggingface_hub."""
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -11,8 +10,7 @@ from model.chat import CHAT_TEMPLATE, TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint
 from model.config import config_to_dict
 from model.convert import ConversionError, read_ours, save_hf_folder
-
-VIDEO_MODEL_FILE = "video_llm.safetensors"   # the whole checkpoint, as eval.py / web_demo.py load it
+from model.hf_bundle import CHECKPOINT_FILE as VIDEO_MODEL_FILE, write_video_model
 MAX_STAGES = 10                              # how far the card follows `source` back through earlier stages
 
 
@@ -26,6 +24,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, tokenizer files, README.md)")
     p.add_argument("--out_dir", default="out", help="where --weight names are looked up")
     p.add_argument("--tokenizer", default=None, help="default: the one the checkpoint names")
+    p.add_argument("--clip_pretrained", default=None,
+                   help="vision weights for the exported video model: a local file (copied in as safetensors) or "
+                        "an open_clip tag (default: the ones the checkpoint names)")
     p.add_argument("--metrics", default=None,
                    help="eval metrics json for the card (default: <out_dir>/metrics.json if it names this checkpoint)")
     p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="upload the folder to this Hub repo (user/name)")
@@ -91,11 +92,9 @@ def model_card(path: Path, meta: dict, metrics: dict, lm_cfg) -> str:
              "- `config.json`, `model.safetensors`, tokenizer files: the **language model alone** as "
              "`LlamaForCausalLM` (text in, text out; `AutoModelForCausalLM.from_pretrained`).",
              f"- `{VIDEO_MODEL_FILE}`: the **whole video model** (LM, VideoSummary, projector; config in its "
-             "safetensors metadata) for the repo's `eval.py --weight` and `scripts/web_demo.py`."]
+             "safetensors metadata), for `AutoModel` below and the repo's `eval.py --weight` and `scripts/web_demo.py`."]
     if vision:
-        tower = vision.get("clip_pretrained") or "(none: open_clip random init)"
-        lines += [f"- Not included: the frozen vision tower, open_clip `{vision.get('clip_model')}` "
-                  f"({vision.get('clip_image_size') or 'default'} px) with weights `{tower}`."]
+        lines += [tower_line(vision)]
         if encoder.get("random"):
             lines += ["", "> **The vision tower this model was trained with is RANDOMLY INITIALISED** (seeded, never "
                       "trained): its numbers show the pipeline working, not real video understanding."]
@@ -117,16 +116,32 @@ def model_card(path: Path, meta: dict, metrics: dict, lm_cfg) -> str:
                                                 if k in captions), ""]
     else:
         lines += ["## Evaluation", "", "No evaluation metrics were given (`--metrics`).", ""]
-    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(REPO)", "lm = AutoModelForCausalLM.from_pretrained(REPO)",
-              "```", "", f"The video model: download `{VIDEO_MODEL_FILE}` and run "
-              f"`python eval.py --weight {VIDEO_MODEL_FILE} --video clip.mp4` in the repo.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + use_section())
+
+
+def tower_line(vision: dict) -> str:
+    source = vision.get("clip_pretrained") or ""
+    size = f"open_clip `{vision.get('clip_model')}` ({vision.get('clip_image_size') or 'default'} px)"
+    if source.endswith((".safetensors", ".pt", ".pth", ".bin")):
+        return (f"- `vision_tower.safetensors`: the frozen vision tower, {size}, copied from `{Path(source).name}`; "
+                "the `.py` files are the repository's own code, run by `AutoModel` with `trust_remote_code=True`.")
+    return (f"- The frozen vision tower, {size} with open_clip's pretrained weights `{source}`, is not included: "
+            "open_clip downloads it when the video model is loaded.")
+
+
+def use_section() -> list:
+    return ["## Use", "", "```python", "from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer",
+            "# the whole video model (needs open_clip_torch and decord; runs the folder's .py files)",
+            "model = AutoModel.from_pretrained(REPO, trust_remote_code=True)",
+            'print(model.chat("Describe the video.", video="clip.mp4"))   # greedy, as eval.py --temperature 0',
+            "# the language model alone, text only", "tok = AutoTokenizer.from_pretrained(REPO)",
+            "lm = AutoModelForCausalLM.from_pretrained(REPO)", "```", "",
+            f"In the repository: `python eval.py --weight {VIDEO_MODEL_FILE} --video clip.mp4`.", ""]
 
 
 # ---------------------------------------------------------------- export and upload
 
-def export(weight, out, out_dir="out", tokenizer=None, metrics_file=None) -> Path:
+def export(weight, out, out_dir="out", tokenizer=None, metrics_file=None, clip_pretrained=None) -> Path:
     """Write the folder; returns its path (a later --push_to_hub uploads exactly this folder)."""
     path = find_checkpoint(weight, out_dir)
     cfg, state = read_ours(path)
@@ -139,7 +154,12 @@ def export(weight, out, out_dir="out", tokenizer=None, metrics_file=None) -> Pat
         raise ConversionError(f"{tokenizer}: tokenizer folder not found (pass --tokenizer)")
     folder = save_hf_folder(cfg, state, load_tokenizer(tokenizer), out, CHAT_TEMPLATE)
     if "vision_config" in meta:   # a whole video model, not an LM-only file
-        shutil.copyfile(path, Path(folder) / VIDEO_MODEL_FILE)
+        vision = json.loads(meta["vision_config"])
+        vision["clip_pretrained"] = clip_pretrained or vision.get("clip_pretrained", "")
+        meta = {**meta, "vision_config": json.dumps(vision)}   # the card names the tower the folder uses
+        if write_video_model(folder, path, vision) is None:
+            print(f"note: {path} names no vision weights, so AutoModel cannot load the video model; "
+                  "pass --clip_pretrained to include it", file=sys.stderr)
     card = model_card(path, meta, eval_metrics(path, metrics_file, out_dir), cfg)
     (Path(folder) / "README.md").write_text(card + "\n")
     return folder
@@ -167,8 +187,8 @@ def push_to_hub(folder, repo_id: str, private=False, token=None) -> str:
 def main(argv=None):
     args = parse_args(argv)
     try:
-        folder = export(args.weight, args.out, args.out_dir, args.tokenizer, args.metrics)
-        print(f"{args.weight} → {folder} (transformers LlamaForCausalLM + {VIDEO_MODEL_FILE} + README.md)")
+        folder = export(args.weight, args.out, args.out_dir, args.tokenizer, args.metrics, args.clip_pretrained)
+        print(f"{args.weight} → {folder} (transformers LlamaForCausalLM; the video model behind AutoModel; README.md)")
         if args.push_to_hub:
             url = push_to_hub(folder, args.push_to_hub, args.private, args.token)
             print(f"uploaded {folder} → {url}")
