@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataset.media import MediaError, read_clip
+from dataset.packing import packed_batch, packed_rows
 from dataset.metrics import PHRASINGS
 from model.chat import IGNORE, BadSample, check_turns, marker_kinds
 
@@ -216,8 +217,9 @@ def warn(message):
     print(f"warning: skipped {message}", file=sys.stderr, flush=True)
 
 
-def collate(items, pad_id: int, left_pad=False, warn_skipped=True):
-    """Pad ids (right for training, left for generation); keep media in batch order.
+def collate(items, pad_id: int, left_pad=False, warn_skipped=True, pack=False):
+    """Pad ids (right for training, left for generation); keep media in batch order. With pack (training),
+    conversations share rows where that saves rows (dataset/packing.py), and media follow their slots.
 
     Unusable items are dropped, with a warning unless warn_skipped=False (--strict: the caller stops
     with the error instead); batch["skipped"] counts them and batch["errors"] says why. Padding items
@@ -229,6 +231,10 @@ def collate(items, pad_id: int, left_pad=False, warn_skipped=True):
     good = [item for item in items if "error" not in item and not item.get("padding")]
     batch = {"skipped": len(errors), "size": len(good), "errors": errors}
     if not good:
+        return batch
+    rows = packed_rows(good) if pack and not left_pad else None
+    if rows is not None:
+        batch.update(packed_batch(good, rows, pad_id))
         return batch
     width = max(len(it["input_ids"]) for it in good)
     ids = torch.full((len(good), width), pad_id, dtype=torch.long)

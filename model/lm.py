@@ -221,12 +221,14 @@ class LanguageModel(nn.Module):
         """The last block's hidden states (any leading shape) → logits."""
         return project(self.lm_head, self.norm(hidden))
 
-    def hidden(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None):
+    def hidden(self, inputs_embeds, position_ids=None, attention_mask=None, cache=None, segments=None):
         """Input embeddings → the last block's hidden states (before the final norm).
 
         position_ids: (B, L) absolute positions (below max_seq_len); default 0..L-1 after what the cache holds.
         attention_mask: (B, Lk) bool, False for padding keys (left-padded batched generation).
-        Without padding and cache the fast causal path is used.
+        segments: (B, L) which conversation of a packed row each position is (dataset/packing.py): a
+        query sees only keys of its own (training only, no cache).
+        Without padding, packing and cache the fast causal path is used.
         """
         B, L, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
@@ -245,10 +247,12 @@ class LanguageModel(nn.Module):
             if attention_mask is not None:
                 mask = attention_mask[:, None, None, :past + 1].clone()
                 mask[..., past] = True
-        elif attention_mask is not None or past > 0:
+        elif attention_mask is not None or past > 0 or segments is not None:
             keys = past + L
             causal = torch.ones(L, keys, dtype=torch.bool, device=device).tril(past)
             mask = causal.expand(B, 1, L, keys)
+            if segments is not None:   # padding (segment 0) sees padding: finite, and never scored
+                mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
             if attention_mask is not None:
                 # A padding query sees no valid key; letting every query see itself keeps
                 # softmax finite (an all-masked row is NaN, and NaN * 0 poisons later rows).

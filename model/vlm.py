@@ -41,9 +41,12 @@ class VideoLLM(nn.Module):
             x = x.masked_scatter(slots.unsqueeze(-1), vis)
         return x
 
-    def forward(self, input_ids, labels=None, features=None, frame_mask=None, frame_times=None):
-        """Returns logits, or with labels (-100 = ignored) the summed token loss and the token count."""
-        hidden = self.lm.hidden(self.embed(input_ids, features, frame_mask, frame_times))
+    def forward(self, input_ids, labels=None, features=None, frame_mask=None, frame_times=None,
+                position_ids=None, segments=None):
+        """Returns logits, or with labels (-100 = ignored) the summed token loss and the token count.
+        position_ids and segments: a packed batch's (dataset/packing.py)."""
+        hidden = self.lm.hidden(self.embed(input_ids, features, frame_mask, frame_times), position_ids,
+                                segments=segments)
         if labels is None:
             return self.lm.logits(hidden)
         targets = labels[:, 1:]

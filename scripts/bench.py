@@ -43,7 +43,7 @@ from model.engine import SamplingOptions, generate_tokens
 from model.vlm import VideoLLM
 from trainer.optim import make_optimizer
 
-SECTIONS = ("lm", "decode", "frames", "cache", "serve", "demo", "gpu")
+SECTIONS = ("lm", "sft", "decode", "frames", "cache", "serve", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
 SHAPES = {
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),  # the demo LM's width, 4 layers
@@ -51,7 +51,7 @@ SHAPES = {
     "104M": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, vocab_size=6400),  # MiniMind2
 }
 # Goals: (key, comparison, target).
-GOALS = [("train_vs_hf", ">=", 1.3), ("decode_vs_hf", ">=", 2.0), ("frames_vs_decode_all", ">=", 10.0),
+GOALS = [("train_vs_hf", ">=", 1.3), ("sft_epoch_vs_hf_padded", ">=", 1.5), ("decode_vs_hf", ">=", 2.0), ("frames_vs_decode_all", ">=", 10.0),
          ("cached_vs_online", ">=", 10.0), ("serve_batched_vs_sequential", ">=", 3.0),
          ("serve_batched_vs_sequential_text", ">=", 3.0), ("serve_rss_ratio", "<=", 1.5),
          ("demo_wall_s", "<=", 600.0), ("demo_peak_rss_gb", "<=", 4.0),
@@ -226,6 +226,32 @@ def bench_train(shape, batch, seq_len, labelled, rounds, device, workdir, autoca
             "ratio": speed_ratio(times["ours"], times["hf"]), "cpu_time_ratio": speed_ratio(cpu_times["ours"], cpu_times["hf"]),
             "initial_loss_gap": round(gap, 6),
             "flops_per_token": flops_per_token(cfg, seq_len)}
+
+
+def bench_sft_epoch(samples, shape, batch, rounds, device, workdir):
+    """One SFT epoch over `samples`: ours with packed batches vs LlamaForCausalLM with transformers' padding
+    collator (scripts/bench_sft.py); the same batches, AdamW as the trainer builds it."""
+    from bench_sft import epoch_batches, first_batch_loss_gap, hf_collator, hf_epoch, our_epoch
+    ours = our_model(shape, device).train()
+    hf = hf_twin(ours, device, workdir / f"hf_sft_{shape}").train()
+    batches, collator = epoch_batches(samples, batch), hf_collator()
+    gap = first_batch_loss_gap(ours, hf, batches, collator, device)
+    opt_args = SimpleNamespace(learning_rate=1e-4, weight_decay=0.1)
+    our_opt, hf_opt = make_optimizer(ours, opt_args, device), make_optimizer(hf, opt_args, device)
+    epochs = {"ours": [], "hf": []}
+    runs = {"ours": lambda: epochs["ours"].append(our_epoch(ours, our_opt, batches, device)),
+            "hf": lambda: epochs["hf"].append(hf_epoch(hf, hf_opt, batches, collator, device))}
+    times = alternate(runs, rounds)
+    last = {side: runs_[-1] for side, runs_ in epochs.items()}
+    tokens = last["ours"]["tokens"]
+    return {"shape": shape, "samples": len(samples), "batch": batch, "rounds": rounds,
+            "mean_sample_tokens": round(tokens / len(samples), 1),
+            "padding_share_ours": round(1 - tokens / last["ours"]["slots"], 4),
+            "padding_share_hf": round(1 - tokens / last["hf"]["slots"], 4),
+            "ours_epoch_s": round(median(times["ours"]), 3), "hf_epoch_s": round(median(times["hf"]), 3),
+            "ours_useful_tok_s": round(tokens / median(times["ours"]), 1),
+            "hf_useful_tok_s": round(tokens / median(times["hf"]), 1),
+            "ratio": speed_ratio(times["ours"], times["hf"]), "first_batch_loss_gap": round(gap, 6)}
 
 
 def bench_decode(shape, prompt_len, new_tokens, rounds, device, workdir):
@@ -706,6 +732,8 @@ def parse_args(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of sections: {','.join(SECTIONS)}")
     p.add_argument("--out", default="out/bench.json")
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds for the LM and decoding sections")
+    p.add_argument("--sft_samples", type=int, default=512, help="samples of the real-length mix in the sft section's epoch")
+    p.add_argument("--sft_rounds", type=int, default=3, help="alternating epoch pairs in the sft section")
     p.add_argument("--frame_rounds", type=int, default=3)
     p.add_argument("--cache_rounds", type=int, default=2, help="training-run pairs (cached, online)")
     p.add_argument("--cache_steps", type=int, default=6, help="optimizer steps per training run")
@@ -732,6 +760,21 @@ def lm_section(args, device, workdir):
     return detail, dict(train_vs_hf=lm["ratio"], train_vs_hf_sft=sft["ratio"], train_vs_hf_compiled=compiled["ratio"],
                         train_vs_hf_26M=big["ratio"], train_tok_s=lm["ours_tok_s"], cpu_mfu=lm["cpu_mfu"],
                         cpu_mfu_26M=big["cpu_mfu"])
+
+
+def sft_section(args, device, workdir):
+    from bench_sft import demo_samples, real_mix_lengths, samples_of_lengths
+    log("sft: one SFT epoch, ours packed vs LlamaForCausalLM with transformers' padding collator ...")
+    vocab = SHAPES["small"]["vocab_size"]
+    real = bench_sft_epoch(samples_of_lengths(real_mix_lengths(args.sft_samples), vocab), "small", 16,
+                           args.sft_rounds, device, workdir)
+    data, tokenizer = demo_data()
+    demo = bench_sft_epoch(demo_samples(data, tokenizer, visual_slot_id=4), "small", 16, args.sft_rounds,
+                           device, workdir)
+    return {"real_length_mix": real, "demo_video_sft": demo}, dict(
+        sft_epoch_vs_hf_padded=real["ratio"], sft_epoch_vs_hf_padded_demo=demo["ratio"],
+        sft_padding_share_hf=real["padding_share_hf"], sft_padding_share_ours=real["padding_share_ours"],
+        sft_padding_share_hf_demo=demo["padding_share_hf"], sft_padding_share_ours_demo=demo["padding_share_ours"])
 
 
 def decode_section(args, device, workdir):
@@ -794,7 +837,7 @@ def gpu_section(args, device, workdir):
 
 
 # Each section: (args, CPU device, scratch folder) → (its details, the values it adds to the table).
-SECTION_RUNS = {"lm": lm_section, "decode": decode_section, "frames": frames_section, "cache": cache_section,
+SECTION_RUNS = {"lm": lm_section, "sft": sft_section, "decode": decode_section, "frames": frames_section, "cache": cache_section,
                 "serve": serve_section, "demo": demo_section, "gpu": gpu_section}
 
 

@@ -174,6 +174,16 @@ def caption_checkpoint(workdir, synthetic, fresh_flags, train) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mixed_lengths(synthetic, workdir) -> Path:
+    """sft_video.jsonl's multi-turn conversations followed by pretrain.jsonl's one-line video captions (media
+    relative to `synthetic`): long and short samples mixed, as in real SFT data, so packing has room."""
+    captions = [line for line in (synthetic / "pretrain.jsonl").read_text().splitlines() if '"video"' in line]
+    path = workdir / "mixed_lengths.jsonl"
+    path.write_text((synthetic / "sft_video.jsonl").read_text() + "".join(line + "\n" for line in captions))
+    return path
+
+
+@pytest.fixture(scope="session")
 def feature_cache(workdir, synthetic, frame_encoder) -> Path:
     """The feature cache of sft_video.jsonl's media for the tiny tower (runs that need no CLIP are faster)."""
     from dataset.features import FeatureWriter

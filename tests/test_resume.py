@@ -21,11 +21,12 @@ NAME = "sft_video_32"
 STEPS = 30
 
 
-def kill_flags(synthetic, fresh_flags, feature_cache, out):
+def kill_flags(synthetic, fresh_flags, feature_cache, out, data):
     # Dropout makes every step draw from the RNG, and a loader worker makes the loader's own seed
-    # matter: a resume that restored less than all of it would drift. 22 samples / batch 4 = 6 steps
-    # an epoch, so the run crosses 4 epoch boundaries (reshuffles).
-    return ["train_sft.py", "--stage=video", f"--data_path={synthetic / 'sft_video.jsonl'}", *fresh_flags,
+    # matter: a resume that restored less than all of it would drift. Long and short samples mixed, so
+    # batches are packed (the default). 22 samples / batch 4 = 6 steps an epoch: the run crosses 4 epoch
+    # boundaries (reshuffles).
+    return ["train_sft.py", "--stage=video", f"--data_path={data}", f"--media_root={synthetic}", *fresh_flags,
             f"--feature_dir={feature_cache}", f"--max_steps={STEPS}", "--save_every=1", "--dropout=0.1",
             "--num_workers=1", "--learning_rate=1e-2", "--warmup_steps=3", f"--out_dir={out}"]
 
@@ -77,16 +78,16 @@ def dead_pid() -> int:
 
 
 def test_runs_killed_at_random_steps_resume_to_bitwise_identical_weights(tmp_path, synthetic, fresh_flags,
-                                                                          feature_cache):
+                                                                          feature_cache, mixed_lengths):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    uninterrupted = launch(kill_flags(synthetic, fresh_flags, feature_cache, straight))
+    uninterrupted = launch(kill_flags(synthetic, fresh_flags, feature_cache, straight, mixed_lengths))
     log = killed / "logs" / f"{NAME}.jsonl"
     rng = random.Random(20240601)
     kills = []
     # One run killed three times at random steps, each time resumed from what the kill left.
     for trial in range(3):
         step = logged_steps(log) + rng.randint(2, 7)
-        proc = launch(kill_flags(synthetic, fresh_flags, feature_cache, killed) + (["--resume"] if trial else []))
+        proc = launch(kill_flags(synthetic, fresh_flags, feature_cache, killed, mixed_lengths) + (["--resume"] if trial else []))
         assert kill_at_step(proc, log, step, rng) == -signal.SIGKILL
         kills.append(logged_steps(log))
         visible_files_are_whole(killed)
@@ -94,7 +95,7 @@ def test_runs_killed_at_random_steps_resume_to_bitwise_identical_weights(tmp_pat
     # A temp file a killed save left behind (its writer is gone) is cleared by the next run.
     stale = killed / f".{NAME}.safetensors.tmp{dead_pid()}"
     stale.write_bytes(b"half a checkpoint")
-    proc = launch(kill_flags(synthetic, fresh_flags, feature_cache, killed) + ["--resume"])
+    proc = launch(kill_flags(synthetic, fresh_flags, feature_cache, killed, mixed_lengths) + ["--resume"])
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
     _, err = uninterrupted.communicate(timeout=240)

@@ -142,14 +142,17 @@ def missing_video_line(name):
         {"role": "user", "content": "<video>\nhi"}, {"role": "assistant", "content": "x"}]})
 
 
-def test_two_process_ddp_matches_one_process_step_by_step(tmp_path, synthetic, fresh_flags, train):
+def test_two_process_ddp_matches_one_process_step_by_step(tmp_path, synthetic, mixed_lengths, fresh_flags, train):
     # 9 samples over 2 ranks × batch 2: each epoch ends in an uneven batch (one rank gets a padding
     # slot, not a repeated sample). The 2 bad samples are exactly rank 1's first micro-batch of
     # epoch 0, so that rank has nothing to learn from while rank 0 has: it must still take part
     # in DDP's gradient exchange, and the skip count must include its samples.
     n = 9
     rank1_first = ShardSampler(n, world=2, rank=1, seed=0).share()[:2]
-    good, bad = iter(first_lines(synthetic / "sft_video.jsonl", 7)), iter(["nope0", "nope1"])
+    # Long conversations and short captions: each rank packs its micro-batch (the default), in other rows
+    # than the single process packs the whole batch into.
+    lines = mixed_lengths.read_text().splitlines()
+    good, bad = iter(lines[:4] + lines[-3:]), iter(["nope0", "nope1"])
     data = write_lines(tmp_path / "train.jsonl",
                        [missing_video_line(next(bad)) if i in rank1_first else next(good) for i in range(n)])
     val = write_lines(tmp_path / "val.jsonl", (synthetic / "sft_video.jsonl").read_text().splitlines()[7:11])

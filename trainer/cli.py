@@ -110,6 +110,9 @@ def add_run_flags(p):
     a("--group_by_length", action="store_true",
       help="batch samples of alike length together (less padding; beware templated data, where "
            "alike length can mean alike question)")
+    a("--pack", action=argparse.BooleanOptionalAction, default=True,
+      help="pack each micro-batch's conversations into fewer rows, each attending only to itself (same "
+           "samples and loss per step; --no-pack pads every conversation to the longest)")
     a("--compile", action="store_true",
       help="torch.compile the LM's transformer blocks (on small CPU shapes compiling rarely pays for itself); "
            "a block that fails to compile runs eagerly")

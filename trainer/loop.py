@@ -117,7 +117,7 @@ class Trainer:
         self.sampler = ShardSampler(len(self.train_set), self.world, self.rank, args.seed, batch_size=args.batch_size,
                                     size_hints=self.train_set.size_hints() if args.group_by_length else None)
         self.loader_rng = torch.Generator()
-        batches = partial(collate, pad_id=self.pad_id, warn_skipped=not args.strict)
+        batches = partial(collate, pad_id=self.pad_id, warn_skipped=not args.strict, pack=args.pack)
         self.loader = DataLoader(Padded(self.train_set), batch_size=args.batch_size, sampler=self.sampler,
                                  collate_fn=batches, num_workers=workers, pin_memory=self.device.type == "cuda",
                                  generator=self.loader_rng)
@@ -159,7 +159,7 @@ class Trainer:
     def run_settings(self) -> dict:
         return {"world_size": self.world, "batch_size": self.args.batch_size,
                 "accumulation_steps": self.args.accumulation_steps, "seed": self.args.seed,
-                "train_samples": len(self.train_set)}
+                "train_samples": len(self.train_set), "pack": self.args.pack}
 
     def load_resume(self):
         """Weights, optimizer, counters and this rank's RNG state from the resume state; the log cut to its step."""
@@ -216,8 +216,9 @@ class Trainer:
         """Summed token loss and token count of one micro-batch (in training, through DDP if any)."""
         visual = visual_inputs(batch["media"], self.encoder, self.device)
         net = (self.ddp if training else None) or self.model
+        packing = {k: batch[k].to(self.device) for k in ("position_ids", "segments") if k in batch}
         with self.autocast:
-            loss, count = net(batch["input_ids"].to(self.device), batch["labels"].to(self.device), *visual)
+            loss, count = net(batch["input_ids"].to(self.device), batch["labels"].to(self.device), *visual, **packing)
         if visual.features is None and net is self.ddp:
             # DDP expects a gradient for every trainable parameter; a text-only batch gives the
             # vision side none, so it gets an explicit zero.
@@ -243,7 +244,7 @@ class Trainer:
         while self.step < self.total_steps and not finished:
             # -- 1. take the step's micro-batches; every rank agrees on their token counts
             t0 = time.perf_counter()
-            micro, tokens, seen, finished = self.gather_step(stream)
+            micro, tokens, seen, slots, finished = self.gather_step(stream)
             if tokens == 0:   # nothing to learn from on any rank
                 continue
             # -- 2. forward/backward through each micro-batch at this step's learning rate
@@ -258,26 +259,28 @@ class Trainer:
                 continue
             self.apply_update()
             # -- 4. log, validate, save
-            self.log_step(loss_value, lr, grad_norm, seen, time.perf_counter() - t0, bar)
+            self.log_step(loss_value, lr, grad_norm, seen, slots, time.perf_counter() - t0, bar)
             if self.args.save_every and self.step % self.args.save_every == 0:
                 self.save()
         bar.close()
         return self.finish()
 
     def gather_step(self, stream):
-        """(micro-batches, tokens to learn from, tokens seen, whether the data ran out), summed over ranks."""
+        """(micro-batches, tokens to learn from, tokens seen, token slots the batches hold (seen + padding),
+        whether the data ran out), summed over ranks."""
         args = self.args
         micro = list(islice(stream, args.accumulation_steps))
         if args.strict:
             self.stop_on_bad_samples(micro)
         # Summed over ranks, so every rank agrees: whether the data ran out (each rank has as
         # many batches, ShardSampler), samples skipped, the loss's denominator, tokens seen.
-        ran_out, step_skipped, tokens, seen = all_sums(
+        ran_out, step_skipped, tokens, seen, slots = all_sums(
             [len(micro) < args.accumulation_steps, sum(b["skipped"] for b in micro),
              sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["size"]),
-             sum(int(b["attention_mask"].sum()) for b in micro if b["size"])], self.world, self.device)
+             sum(int(b["attention_mask"].sum()) for b in micro if b["size"]),
+             sum(b["input_ids"].numel() for b in micro if b["size"])], self.world, self.device)
         self.skipped += int(step_skipped)
-        return micro, tokens, seen, ran_out > 0
+        return micro, tokens, seen, slots, ran_out > 0
 
     def set_learning_rate(self) -> float:
         lr = lr_at(self.step, self.total_steps, self.args)
@@ -336,10 +339,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-    def log_step(self, loss_value, lr, grad_norm, seen, seconds, bar):
+    def log_step(self, loss_value, lr, grad_norm, seen, slots, seconds, bar):
         """The step's log record (with val_loss every --val_every steps), to the log, trackers and bar."""
         record = {"step": self.step, "loss": round(loss_value, 6), "lr": lr,
-                  "tok_s": round(seen / seconds, 1), "skipped": self.skipped, "bad_steps": self.bad_steps,
+                  "tok_s": round(seen / seconds, 1), "pad_share": round(1 - seen / slots, 4),
+                  "skipped": self.skipped, "bad_steps": self.bad_steps,
                   "grad_norm": round(grad_norm, 4), "epoch": self.epoch, "step_s": round(seconds, 4)}
         if self.args.val_every and self.step % self.args.val_every == 0:
             record["val_loss"] = self.validate()
