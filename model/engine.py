@@ -69,13 +69,15 @@ class AnsweredBatch:
     skipped: int
 
 
-def generate_tokens(model, input_ids, attention_mask, visual: VisualInputs, options: SamplingOptions, end_id=None):
+def generate_tokens(model, input_ids, attention_mask, visual: VisualInputs, options: SamplingOptions, end_id=None,
+                    compiled=False):
     """The next token of every (left-padded) row, step by step, picked as `options` say; a row that
-    produced end_id keeps yielding it. The token level of Engine.generate_batch (bench.py times it)."""
+    produced end_id keeps yielding it. The token level of Engine.generate_batch (bench.py times it).
+    compiled: static-shape decoding steps through torch.compile (model/static_decode.py)."""
     generator = torch.Generator(device=input_ids.device).manual_seed(options.seed)
     yield from model.generate(input_ids, attention_mask, visual.features, visual.frame_mask, options.max_new_tokens,
                               options.temperature, options.top_p, eos_id=end_id, generator=generator,
-                              frame_times=visual.frame_times)
+                              frame_times=visual.frame_times, compiled=compiled)
 
 
 class AnswerText:
@@ -122,15 +124,19 @@ class AnswerText:
 class Engine:
     """A model on a device with its tokenizer and chat format; the frozen encoder loads on first need."""
 
-    def __init__(self, model, tokenizer, device="cpu", name="in-memory model"):
+    def __init__(self, model, tokenizer, device="cpu", name="in-memory model", compile_decoding=False):
         self.device = torch.device(device)
+        # Compiled decoding steps pay a one-off compile (tens of seconds on a CPU) per batch size and
+        # cache size: worth it for a chat, not for a data file's batches of changing shapes.
+        self.compile_decoding = compile_decoding
         self.model = model.to(self.device).eval()
         self.tokenizer, self.name = tokenizer, name
         self.chat = ChatEncoder(tokenizer, model.vision_cfg.num_visual_tokens)
         self._encoder = None
 
     @classmethod
-    def load(cls, weight=None, lora=None, out_dir="out", device="cpu", tokenizer=None, clip_pretrained=None):
+    def load(cls, weight=None, lora=None, out_dir="out", device="cpu", tokenizer=None, clip_pretrained=None,
+             compile_decoding=False):
         """An Engine on a checkpoint (a path or a name in out_dir), or on a LoRA adapter folder merged onto
         its base (`weight` if given, else the base the adapter names). The tokenizer is the one the
         checkpoint names unless `tokenizer` is given; clip_pretrained overrides its vision weights."""
@@ -147,7 +153,7 @@ class Engine:
         if not Path(tokenizer_dir).is_dir():
             raise EngineError(f"{tokenizer_dir}: tokenizer folder not found (pass --tokenizer)")
         name = f"{adapter} (LoRA on {path.name})" if adapter else str(path)
-        return cls(model, load_tokenizer(tokenizer_dir), device, name)
+        return cls(model, load_tokenizer(tokenizer_dir), device, name, compile_decoding)
 
     @property
     def encoder(self) -> FrameEncoder:
@@ -230,7 +236,8 @@ class Engine:
         self._check_prompt(ids, visual)
         answers = [AnswerText(self.tokenizer, self.chat.im_end, options.stop) for _ in range(len(ids))]
         shown = ""
-        steps = generate_tokens(self.model, ids, mask, visual, options, end_id=self.chat.im_end)
+        steps = generate_tokens(self.model, ids, mask, visual, options, end_id=self.chat.im_end,
+                                compiled=self.compile_decoding)
         with closing(steps):   # closed at once when a stop string ends every row early
             for step in steps:
                 for answer, token in zip(answers, step.tolist()):

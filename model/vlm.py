@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from model.config import LMConfig, VisionConfig
 from model.lm import KVCache, LanguageModel
+from model.static_decode import CompiledSteps, StaticKVCache, static_size
 from model.video_summary import build_summary, visual_token_counts
 
 
@@ -61,33 +62,38 @@ class VideoLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, features=None, frame_mask=None,
-                 max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None, frame_times=None):
+                 max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None, frame_times=None,
+                 compiled=False):
         """Yield the next token of every row, step by step (streaming); prompts are left-padded.
 
         temperature 0 is greedy; otherwise sample from the top-p nucleus. Rows that produced
-        eos_id keep yielding eos_id; iteration stops when all rows are done.
+        eos_id keep yielding eos_id; iteration stops when all rows are done. compiled: decoding steps
+        at static shapes through torch.compile (model/static_decode.py), the same tokens.
         """
         with self.lm.frozen_weights():
             yield from self._generate(input_ids, attention_mask, (features, frame_mask, frame_times),
-                                      max_new_tokens, temperature, top_p, eos_id, generator)
+                                      max_new_tokens, temperature, top_p, eos_id, generator, compiled)
 
-    def _generate(self, input_ids, attention_mask, visual, max_new_tokens, temperature, top_p, eos_id, generator):
+    def _generate(self, input_ids, attention_mask, visual, max_new_tokens, temperature, top_p, eos_id, generator,
+                  compiled=False):
         B, L = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         # Without padding the LM takes its plain causal path: no masks, positions from the cache.
         padded = not bool(attention_mask.all())
         total = min(L + max_new_tokens, self.lm_cfg.max_seq_len)
-        cache = KVCache(self.lm_cfg, B, total, input_ids.device, self.lm.embed_tokens.weight.dtype)
+        size = static_size(total, self.lm_cfg.max_seq_len) if compiled else total
+        cache = (StaticKVCache if compiled else KVCache)(self.lm_cfg, B, size, input_ids.device,
+                                                         self.lm.embed_tokens.weight.dtype)
+        mask = torch.zeros(B, size, dtype=torch.bool, device=input_ids.device)
+        mask[:, :L] = attention_mask.bool()
+        positions = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
         embeds = self.embed(input_ids, *visual)
         if padded:
-            mask = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
-            mask[:, :L] = attention_mask.bool()
-            positions = (mask[:, :L].long().cumsum(-1) - 1).clamp(min=0)
             logits = self.lm(embeds, positions, mask, cache, last_only=True)[:, -1]
-            next_pos = positions[:, -1:] + 1
         else:
             logits = self.lm(embeds, cache=cache, last_only=True)[:, -1]
+        advance = self._static_steps(cache, mask, positions) if compiled else self._eager_steps(cache, mask, positions, padded)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for _ in range(total - L):
             token = sample_next(logits, temperature, top_p, generator)
@@ -100,13 +106,38 @@ class VideoLLM(nn.Module):
             yield token
             if cache.length >= total:
                 return
-            step = self.lm.embed_tokens(token[:, None])
-            if padded:
-                mask[:, cache.length] = True
-                logits = self.lm(step, next_pos, mask, cache)[:, -1]
-                next_pos = next_pos + 1
-            else:
-                logits = self.lm(step, cache=cache)[:, -1]
+            logits = advance(self.lm.embed_tokens(token[:, None]))
+
+    def _eager_steps(self, cache, mask, positions, padded):
+        """step(embeds) → logits, through the LM's dynamic path (the cache sliced to what it holds)."""
+        next_pos = positions[:, -1:] + 1
+
+        def step(embeds):
+            nonlocal next_pos
+            if not padded:
+                return self.lm(embeds, cache=cache)[:, -1]
+            mask[:, cache.length] = True
+            logits = self.lm(embeds, next_pos, mask, cache)[:, -1]
+            next_pos = next_pos + 1
+            return logits
+        return step
+
+    def _static_steps(self, cache, mask, positions):
+        """step(embeds) → logits, through the compiled static-shape step (built once per model)."""
+        if getattr(self, "_compiled_steps", None) is None:
+            self._compiled_steps = CompiledSteps(self.lm)
+        key_bias = torch.zeros(mask.shape, dtype=cache.keys[0].dtype, device=mask.device)
+        key_bias = key_bias.masked_fill_(~mask, float("-inf"))[:, None, None, :]
+        next_pos = positions[:, -1:] + 1
+
+        def step(embeds):
+            nonlocal next_pos
+            slot = torch.tensor([cache.length], device=embeds.device)
+            logits = self._compiled_steps(cache, embeds, next_pos, slot, key_bias)
+            cache.length += 1
+            next_pos = next_pos + 1
+            return logits
+        return step
 
 
 def sample_next(logits, temperature: float, top_p: float, generator=None):

@@ -43,7 +43,7 @@ from model.engine import SamplingOptions, generate_tokens
 from model.vlm import VideoLLM
 from trainer.optim import make_optimizer
 
-SECTIONS = ("lm", "sft", "decode", "frames", "cache", "serve", "demo", "gpu")
+SECTIONS = ("lm", "sft", "decode", "eval", "frames", "cache", "serve", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
 SHAPES = {
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),  # the demo LM's width, 4 layers
@@ -51,7 +51,8 @@ SHAPES = {
     "104M": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, vocab_size=6400),  # MiniMind2
 }
 # Goals: (key, comparison, target).
-GOALS = [("train_vs_hf", ">=", 1.3), ("sft_epoch_vs_hf_padded", ">=", 1.5), ("decode_vs_hf", ">=", 2.0), ("frames_vs_decode_all", ">=", 10.0),
+GOALS = [("train_vs_hf", ">=", 1.3), ("sft_epoch_vs_hf_padded", ">=", 1.5), ("decode_vs_hf", ">=", 2.0),
+         ("decode_vs_hf_26M", ">=", 1.3), ("frames_vs_decode_all", ">=", 10.0),
          ("cached_vs_online", ">=", 10.0), ("serve_batched_vs_sequential", ">=", 3.0),
          ("serve_batched_vs_sequential_text", ">=", 3.0), ("serve_rss_ratio", "<=", 1.5),
          ("demo_wall_s", "<=", 600.0), ("demo_peak_rss_gb", "<=", 4.0),
@@ -263,8 +264,12 @@ def bench_decode(shape, prompt_len, new_tokens, rounds, device, workdir):
     prompt = text_batch(cfg, 1, prompt_len, 0.0, device)[0]
     greedy = SamplingOptions(max_new_tokens=new_tokens)
 
-    def ours_cached():   # no end token: like theirs, exactly new_tokens tokens
-        return torch.stack(list(generate_tokens(ours, prompt, None, VisualInputs(), greedy)), dim=1)
+    def ours_cached(compiled=False):   # no end token: like theirs, exactly new_tokens tokens
+        return torch.stack(list(generate_tokens(ours, prompt, None, VisualInputs(), greedy, compiled=compiled)), dim=1)
+
+    start = time.perf_counter()
+    compiled_tokens = ours_cached(compiled=True)   # the first answer pays the compile
+    compile_s = time.perf_counter() - start
 
     def theirs():
         with torch.no_grad():
@@ -283,16 +288,22 @@ def bench_decode(shape, prompt_len, new_tokens, rounds, device, workdir):
 
     tokens = ours_cached()
     same_hf, same_uncached = torch.equal(tokens, theirs()), torch.equal(tokens, ours_uncached())
+    same_compiled = torch.equal(tokens, compiled_tokens)
     def three_times(generate):   # one answer is short: a round times three, for steadier ratios
         return lambda: [generate() for _ in range(3)]
 
     cpu_times = {}
     times = alternate({"ours": three_times(ours_cached), "hf": three_times(theirs),
-                       "nocache": three_times(ours_uncached)}, rounds, cpu_times=cpu_times)
+                       "nocache": three_times(ours_uncached),
+                       "compiled": three_times(lambda: ours_cached(compiled=True))}, rounds, cpu_times=cpu_times)
     per_s = {name: round(3 * new_tokens / median(t), 1) for name, t in times.items()}
     return {"shape": shape, "prompt_len": prompt_len, "new_tokens": new_tokens, "rounds": rounds,
             "ours_tok_s": per_s["ours"], "hf_tok_s": per_s["hf"], "nocache_tok_s": per_s["nocache"],
+            "compiled_tok_s": per_s["compiled"], "compile_s": round(compile_s, 1),
             "ratio_vs_hf": speed_ratio(times["ours"], times["hf"]),
+            "compiled_ratio_vs_hf": speed_ratio(times["compiled"], times["hf"]),
+            "compiled_ratio_vs_eager": speed_ratio(times["compiled"], times["ours"]),
+            "same_tokens_compiled": same_compiled,
             "cpu_time_ratio_vs_hf": speed_ratio(cpu_times["ours"], cpu_times["hf"]),
             "ratio_vs_nocache": speed_ratio(times["ours"], times["nocache"]),
             "same_tokens_as_hf": same_hf, "same_tokens_as_nocache": same_uncached,
@@ -372,15 +383,15 @@ def bench_frames(seconds, keyint, rounds, num_frames=8):
 DEMO_TOWER = "ViT-Demo-16"   # scripts/demo.sh's CLIP_MODEL (model/vision_model/ViT-Demo-16.json)
 
 
-def vision_weights(image_size: int = 128) -> Path:
-    """The demo's random tower at image_size px (128: the demo's), written once if absent."""
+def vision_weights(image_size: int = 128, tower: str = DEMO_TOWER) -> Path:
+    """A seeded random tower (default: the demo's) at image_size px (128: the demo's), written once if absent."""
     from model.vision import VISION_DIR, save_random_tower
-    path = VISION_DIR / f"{DEMO_TOWER}-{image_size}-random-seed0.safetensors"
+    path = VISION_DIR / f"{tower}-{image_size}-random-seed0.safetensors"
     if not path.exists():
         path = BENCH / path.name
         if not path.exists():
             BENCH.mkdir(parents=True, exist_ok=True)
-            save_random_tower(DEMO_TOWER, image_size, 0, str(path))
+            save_random_tower(tower, image_size, 0, str(path))
     return path
 
 
@@ -422,23 +433,23 @@ def demo_data(n_videos: int = 64) -> tuple:
     return data, tokenizer
 
 
-def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
+def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32, tower=DEMO_TOWER):
     """A video-SFT training step (train_sft.py, the demo's shapes) with cached CLIP features vs
     features computed online (frames decoded in DataLoader workers, CLIP in the step)."""
     data, tokenizer = demo_data(n_videos)
-    weights = vision_weights(image_size)
-    vision = ["--clip_model", DEMO_TOWER, "--clip_image_size", str(image_size), "--clip_pretrained", weights]
+    weights = vision_weights(image_size, tower)
+    vision = ["--clip_model", tower, "--clip_image_size", str(image_size), "--clip_pretrained", weights]
     run(["scripts/extract_features.py", "--data", data / "sft_video.jsonl", *vision, "--num_frames", "8"],
         "extract_features.py")
     folders = [p for p in (data / "features").iterdir()
-               if p.is_dir() and p.name.startswith(f"{DEMO_TOWER}-{image_size}-") and p.name.endswith("-f8")]
+               if p.is_dir() and p.name.startswith(f"{tower}-{image_size}-") and p.name.endswith("-f8")]
     manifest = json.loads((folders[0] / "manifest.json").read_text())
     cache_bytes = sum(f.stat().st_size for f in folders[0].iterdir())
     arch = ["--hidden_size", "128", "--num_layers", "2", "--num_heads", "4", "--num_kv_heads", "2",
             "--vocab_size", "1024", "--num_frames", "8", "--num_visual_tokens", "8", "--summary_dim", "128"]
 
     def train(feature_dir):
-        out = BENCH / "runs" / f"{image_size}px-{'online' if feature_dir == 'none' else 'cached'}"
+        out = BENCH / "runs" / f"{tower}-{image_size}px-{'online' if feature_dir == 'none' else 'cached'}"
         cmd = ["train_sft.py", "--stage", "video", "--data_path", data / "sft_video.jsonl", "--out_dir", out,
                "--tokenizer", tokenizer, *arch, *vision, "--batch_size", batch, "--max_steps", steps,
                "--val_every", "0", "--val_samples", "4", "--no_progress", "--seed", "0"]
@@ -450,7 +461,7 @@ def bench_cache(rounds, steps, image_size=128, n_videos=64, batch=32):
     for _ in range(rounds):
         for kind in step_s:
             step_s[kind].append(median(train("none" if kind == "online" else None)))
-    return {"batch": batch, "frames": 8, "encoder": f"{DEMO_TOWER} @{image_size} px", "steps_per_run": steps, "rounds": rounds,
+    return {"batch": batch, "frames": 8, "encoder": f"{tower} @{image_size} px", "steps_per_run": steps, "rounds": rounds,
             "cached_step_s": round(median(step_s["cached"]), 4), "online_step_s": round(median(step_s["online"]), 4),
             "ratio": speed_ratio(step_s["cached"], step_s["online"]),
             "cache_bytes_per_video": round(cache_bytes / len(manifest)), "cached_videos": len(manifest)}
@@ -488,6 +499,21 @@ def serve_checkpoint(image_size: int = 128) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, path, stage="video", step=0, tokenizer=str(tokenizer))
     return path
+
+
+def bench_eval(max_new_tokens: int = 16, batch: int = 32) -> dict:
+    """eval.py's batch mode (Engine.answer_dataset) on the small dataset's video-SFT file with the serve
+    checkpoint: every answer runs to max_new_tokens (its lively random weights never say <|im_end|>)."""
+    from model.engine import Engine
+    data, _ = demo_data()
+    engine = Engine.load(weight=str(serve_checkpoint()), device="cpu")
+    start = time.perf_counter()
+    answers = sum(len(b.predictions) for b in engine.answer_dataset(
+        data / "sft_video.jsonl", SamplingOptions(max_new_tokens=max_new_tokens), batch_size=batch))
+    seconds = time.perf_counter() - start
+    return {"answers": answers, "seconds": round(seconds, 2), "answers_s": round(answers / seconds, 2),
+            "max_new_tokens": max_new_tokens, "batch": batch,
+            "features": "online (frames decoded, CLIP run) unless the cache section left a cache"}
 
 
 class ServerProcess:
@@ -781,10 +807,13 @@ def decode_section(args, device, workdir):
     log("decode: greedy generation, ours vs transformers generate vs no cache ...")
     small = bench_decode("small", 64, 64, args.rounds, device, workdir)
     big = bench_decode("26M", 64, 64, max(3, args.rounds // 2), device, workdir)
+    # decode_vs_hf: the compiled static-shape steps (eval.py --compile); decode_eager_vs_hf: the default path.
     return {"small": small, "26M": big}, dict(
-        decode_vs_hf=small["ratio_vs_hf"], decode_cache_vs_nocache=small["ratio_vs_nocache"],
-        decode_tok_s=small["ours_tok_s"], decode_vs_hf_26M=big["ratio_vs_hf"],
-        decode_cache_vs_nocache_26M=big["ratio_vs_nocache"])
+        decode_vs_hf=small["compiled_ratio_vs_hf"], decode_eager_vs_hf=small["ratio_vs_hf"],
+        decode_cache_vs_nocache=small["ratio_vs_nocache"], decode_tok_s=small["compiled_tok_s"],
+        decode_eager_tok_s=small["ours_tok_s"], decode_vs_hf_26M=big["compiled_ratio_vs_hf"],
+        decode_eager_vs_hf_26M=big["ratio_vs_hf"], decode_cache_vs_nocache_26M=big["ratio_vs_nocache"],
+        decode_compile_s=small["compile_s"])
 
 
 def frames_section(args, device, workdir):
@@ -801,9 +830,19 @@ def cache_section(args, device, workdir):
     log("cache: video-SFT steps with cached vs online CLIP features (train_sft.py runs) ...")
     demo_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=128)
     own_size = bench_cache(args.cache_rounds, args.cache_steps, image_size=224)
-    return {"demo_128px": demo_size, "own_224px": own_size}, dict(
+    # A real encoder's shape (ViT-B-16 at 224 px, random weights): ~50× the stand-in's compute a frame,
+    # so a smaller batch and fewer steps keep the online runs to minutes.
+    vitb16 = bench_cache(args.cache_rounds, max(2, args.cache_steps // 2), image_size=224, batch=8, tower="ViT-B-16")
+    return {"demo_128px": demo_size, "own_224px": own_size, "vitb16_224px": vitb16}, dict(
         cached_vs_online=demo_size["ratio"], cached_vs_online_224px=own_size["ratio"],
+        cached_vs_online_vitb16=vitb16["ratio"],
         cache_bytes_per_video=demo_size["cache_bytes_per_video"])
+
+
+def eval_section(args, device, workdir):
+    log("eval: batch scoring, answers per second ...")
+    scoring = bench_eval()
+    return scoring, dict(eval_answers_s=scoring["answers_s"])
 
 
 def serve_section(args, device, workdir):
@@ -837,7 +876,7 @@ def gpu_section(args, device, workdir):
 
 
 # Each section: (args, CPU device, scratch folder) → (its details, the values it adds to the table).
-SECTION_RUNS = {"lm": lm_section, "sft": sft_section, "decode": decode_section, "frames": frames_section, "cache": cache_section,
+SECTION_RUNS = {"lm": lm_section, "sft": sft_section, "decode": decode_section, "eval": eval_section, "frames": frames_section, "cache": cache_section,
                 "serve": serve_section, "demo": demo_section, "gpu": gpu_section}
 
 

@@ -44,11 +44,18 @@ def fixed_frames():
     return frames, mask
 
 
-def greedy(model, max_new_tokens=12):
+def greedy(model, max_new_tokens=12, compiled=False):
     frames, frame_mask = fixed_frames()
-    steps = model.generate(PROMPTS, PROMPTS != PAD, frames, frame_mask, max_new_tokens=max_new_tokens)
+    steps = model.generate(PROMPTS, PROMPTS != PAD, frames, frame_mask, max_new_tokens=max_new_tokens,
+                           compiled=compiled)
     return torch.stack(list(steps), dim=1).tolist()
 
 
 def test_greedy_tokens_of_the_fixed_model_are_pinned():
     assert greedy(fixed_model()) == PINNED
+
+
+def test_compiled_static_decoding_gives_the_pinned_tokens():
+    model = fixed_model()
+    assert greedy(model, compiled=True) == PINNED
+    assert not model._compiled_steps.failed   # torch.compile ran, not the eager fallback
