@@ -1,5 +1,5 @@
-"""Export one of our checkpoints as a Hugging Face folder (LlamaForCausalLM LM + tokenizer + the whole video model
-+ a model card) and, with --push_to_hub, upload that folder with huggingface_hub."""
+"""Export one of our checkpoints as a Hugging Face folder (LlamaForCausalLM or Qwen3ForCausalLM LM + tokenizer + the
+whole video model + a model card) and, with --push_to_hub, upload that folder with huggingface_hub."""
 import argparse
 import json
 import shutil
@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from _repo import ROOT
-from model.chat import CHAT_TEMPLATE, TokenizerError, load_tokenizer
+from model.chat import TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint
 from model.config import config_to_dict
-from model.convert import ConversionError, read_ours, save_hf_folder
+from model.convert import ConversionError, hf_architecture, read_ours, save_hf_folder
 
 VIDEO_MODEL_FILE = "video_llm.safetensors"   # the whole checkpoint, as eval.py / web_demo.py load it
 MAX_STAGES = 10                              # how far the card follows `source` back through earlier stages
@@ -84,12 +84,13 @@ def model_card(path: Path, meta: dict, metrics: dict, lm_cfg) -> str:
         rows.append([f"`{ckpt.stem}`", m.get("stage", "–"), m.get("step", "–"), f"`{m.get('data') or '–'}`",
                      m.get("parts", "–"), f"{val:.4f}" if isinstance(val, float) else "–"])
     lines = ["---", "license: mit", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [video-llm, llama, tiny-video-llm]", "---", "", f"# {path.stem}", "",
+             f"tags: [video-llm, {'qwen3' if lm_cfg.qk_norm else 'llama'}, tiny-video-llm]", "---", "",
+             f"# {path.stem}", "",
              "A tiny video language model from the *tiny video LLM* repo: a Llama-style decoder, a frozen open_clip "
              "image tower, and a VideoSummary block that turns per-frame CLIP features into a few tokens the "
              "decoder reads.", "", "## Files", "",
              "- `config.json`, `model.safetensors`, tokenizer files: the **language model alone** as "
-             "`LlamaForCausalLM` (text in, text out; `AutoModelForCausalLM.from_pretrained`).",
+             f"`{hf_architecture(lm_cfg)}` (text in, text out; `AutoModelForCausalLM.from_pretrained`).",
              f"- `{VIDEO_MODEL_FILE}`: the **whole video model** (LM, VideoSummary, projector; config in its "
              "safetensors metadata) for the repo's `eval.py --weight` and `scripts/web_demo.py`."]
     if vision:
@@ -137,7 +138,7 @@ def export(weight, out, out_dir="out", tokenizer=None, metrics_file=None) -> Pat
             raise ConversionError(f"{path}: names no tokenizer; pass --tokenizer")
     if not Path(tokenizer).is_dir():
         raise ConversionError(f"{tokenizer}: tokenizer folder not found (pass --tokenizer)")
-    folder = save_hf_folder(cfg, state, load_tokenizer(tokenizer), out, CHAT_TEMPLATE)
+    folder = save_hf_folder(cfg, state, load_tokenizer(tokenizer), out)
     if "vision_config" in meta:   # a whole video model, not an LM-only file
         shutil.copyfile(path, Path(folder) / VIDEO_MODEL_FILE)
     card = model_card(path, meta, eval_metrics(path, metrics_file, out_dir), cfg)
@@ -168,7 +169,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         folder = export(args.weight, args.out, args.out_dir, args.tokenizer, args.metrics)
-        print(f"{args.weight} → {folder} (transformers LlamaForCausalLM + {VIDEO_MODEL_FILE} + README.md)")
+        architecture = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+        print(f"{args.weight} → {folder} (transformers {architecture} + {VIDEO_MODEL_FILE} + README.md)")
         if args.push_to_hub:
             url = push_to_hub(folder, args.push_to_hub, args.private, args.token)
             print(f"uploaded {folder} → {url}")
