@@ -104,22 +104,30 @@ def parse(*flags):
     return build_parser("pretrain", 1e-3, 1, 4).parse_args(["--data_path=unused.jsonl", *flags])
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_hf_lm(folder, architecture="llama"):
+    """A tiny transformers Llama (or Qwen3: per-head q/k norms) folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama") / "llama"
-    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True,
-                                 rope_theta=5e5, max_position_embeddings=256)).save_pretrained(folder)
+    config, model = (LlamaConfig, LlamaForCausalLM) if architecture == "llama" else (Qwen3Config, Qwen3ForCausalLM)
+    model(config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, rope_theta=5e5,
+                 max_position_embeddings=256)).save_pretrained(folder)
     return folder
 
 
-def test_from_lm_takes_the_lm_config_from_the_weights_and_the_rest_from_flags(llama_folder):
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return save_hf_lm(tmp_path_factory.mktemp("llama") / "llama")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_from_lm_takes_the_lm_config_from_the_weights_and_the_rest_from_flags(tmp_path, architecture):
     from trainer.config import resolve_configs
-    lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(parse(f"--from_lm={llama_folder}", "--num_frames=6"))
+    folder = save_hf_lm(tmp_path / architecture, architecture)
+    lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(parse(f"--from_lm={folder}", "--num_frames=6"))
     assert (lm_cfg.hidden_size, lm_cfg.num_heads, lm_cfg.num_kv_heads, lm_cfg.rope_theta, lm_cfg.vocab_size) == \
         (32, 4, 2, 5e5, 128)
+    assert lm_cfg.qk_norm == (architecture == "qwen3") and ("layers.0.attn.q_norm.weight" in lm_state) == lm_cfg.qk_norm
     assert vis_cfg.num_frames == 6 and weight_path is None and set(lm_state) >= {"embed_tokens.weight"}
 
 
