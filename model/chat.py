@@ -1,5 +1,6 @@
 """Chat format: conversations → token ids with assistant-only labels and visual slots per media marker."""
 import re
+from dataclasses import dataclass, replace
 
 IGNORE = -100
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_pad|>"]
@@ -18,6 +19,40 @@ class BadSample(ValueError):
 
 class TokenizerError(ValueError):
     """A tokenizer folder that cannot be used; the message names it and what it lacks."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a base LM's turns are marked: turn_start, the role, a newline, the content, turn_end, a newline.
+
+    A base LM answers in the format it was trained on, so the format comes from its tokenizer
+    (chat_format) rather than ours being forced onto it.
+    """
+    name: str
+    turn_start: str
+    turn_end: str         # also ends an answer: the id generation stops at
+    pad: str              # fills batches; never inside a conversation
+    default_system: str = ""   # a system turn written when a conversation has none ("" for none)
+
+    @property
+    def tokens(self) -> tuple:
+        return self.turn_start, self.turn_end, self.pad
+
+    @property
+    def template(self) -> str:
+        """A Jinja chat template that spells exactly the text ChatEncoder's ids decode to (CHAT_TEMPLATE for ChatML)."""
+        start, end = self.turn_start, self.turn_end
+        system = (f"{{% if messages[0]['role'] != 'system' %}}{start}system\n{self.default_system}{end}\n{{% endif %}}"
+                  if self.default_system else "")
+        return (f"{system}{{% for message in messages %}}{start}{{{{ message['role'] }}}}\n{{{{ message['content'] }}}}"
+                f"{end}\n{{% endfor %}}{{% if add_generation_prompt %}}{start}assistant\n{{% endif %}}")
+
+
+# Ours, and MiniMind's since its 2025-04 releases (minimind-3's llm_768.pth included).
+CHATML = ChatFormat("ChatML", "<|im_start|>", "<|im_end|>", "<|endoftext|>")
+# MiniMind2's first tokenizer (2025-02; MiniMind-V's lm_512.pth then): <s>/</s> around turns, <unk> pads.
+MINIMIND2 = ChatFormat("MiniMind2", "<s>", "</s>", "<unk>")
+CHAT_FORMATS = (CHATML, MINIMIND2)
 
 
 def check_turns(conversations) -> list:
@@ -42,35 +77,71 @@ def marker_kinds(conversations) -> list:
             for m in MEDIA_MARKER.findall(turn["content"])]
 
 
-def load_tokenizer(path):
-    """A Hugging Face tokenizer folder with the ChatML tokens; a missing <|vision_pad|> is appended.
+def chat_format(tokenizer, where=None) -> ChatFormat:
+    """The format a tokenizer's vocabulary marks turns with: ChatML if it has <|im_start|>/<|im_end|>, else
+    MiniMind2's <s>/</s>; TokenizerError (one line naming what it lacks) for neither. The default system
+    turn is the one its own chat template writes (template_default_system)."""
+    vocab = tokenizer.get_vocab()
+    where = where or getattr(tokenizer, "name_or_path", "") or "tokenizer"
+    by_turn_tokens = [f for f in CHAT_FORMATS if f.turn_start in vocab and f.turn_end in vocab]
+    if not by_turn_tokens:
+        lacks = "; ".join(f"{f.name} needs {[t for t in f.tokens if t not in vocab]}" for f in CHAT_FORMATS)
+        raise TokenizerError(f"{where}: tokenizer lacks the special tokens of every chat format we know ({lacks})")
+    fmt = by_turn_tokens[0]
+    if fmt.pad not in vocab:
+        raise TokenizerError(f"{where}: tokenizer has the {fmt.name} turn tokens but lacks its pad token {fmt.pad}")
+    return replace(fmt, default_system=template_default_system(tokenizer, fmt))
 
-    MiniMind2's tokenizer has <|endoftext|>, <|im_start|>, <|im_end|> but no slot token. The slot
-    token only marks where visual tokens go (its embedding is replaced before the LM sees it), so
-    it is appended at id len(tokenizer): deterministic, so training and eval agree on the id. An LM
-    started from such a tokenizer's weights grows by that row (trainer --from_lm, model.convert.grow_vocab).
+
+def template_default_system(tokenizer, fmt: ChatFormat) -> str:
+    """The system text the tokenizer's own chat template writes for a conversation that has none ("" if none).
+
+    MiniMind's 2025 templates always write one (MiniMind2's `<s>` one and the 2025-04 ChatML one), so
+    their LMs never saw a conversation without it; ours and minimind-3's write none.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    probe = "Hi"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+    except Exception:   # a template that cannot render tells nothing; it is never used to encode
+        return ""
+    head, end, turn = f"{fmt.turn_start}system\n", f"{fmt.turn_end}\n", f"{fmt.turn_start}user\n{probe}"
+    prefix = text.split(turn)[0] if isinstance(text, str) and turn in text else ""
+    if prefix.startswith(head) and prefix.endswith(end) and len(prefix) > len(head) + len(end):
+        return prefix[len(head):-len(end)]
+    return ""
+
+
+def load_tokenizer(path):
+    """A Hugging Face tokenizer folder in a chat format we know (chat_format); a missing <|vision_pad|> is appended.
+
+    MiniMind2's tokenizers (both formats) have no slot token (minimind-3's has). The slot token only
+    marks where visual tokens go (its embedding is replaced before the LM sees it), so it is appended at id
+    len(tokenizer): deterministic, so training and eval agree on the id. An LM started from such a
+    tokenizer's weights grows by that row (trainer --from_lm, model.convert.grow_vocab).
     """
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(str(path))
-    vocab = tok.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab and t != VISION_PAD]
-    if missing:
-        raise TokenizerError(f"{path}: tokenizer lacks special tokens {missing}")
-    if VISION_PAD not in vocab:
+    chat_format(tok, path)
+    if VISION_PAD not in tok.get_vocab():
         tok.add_tokens([VISION_PAD], special_tokens=True)
     return tok
 
 
 class ChatEncoder:
-    """Turns [{"role","content"}, ...] into ids; literal special tokens in text stay plain text."""
+    """Turns [{"role","content"}, ...] into ids in the tokenizer's chat format; literal special tokens in text
+    stay plain text."""
 
     def __init__(self, tokenizer, num_visual_tokens: int):
         self.tok = tokenizer
         self.k = num_visual_tokens
+        self.format = chat_format(tokenizer)
         ids = tokenizer.convert_tokens_to_ids
-        self.im_start, self.im_end = ids("<|im_start|>"), ids("<|im_end|>")
+        # im_start / im_end: the format's turn-start and turn-end ids (ChatML's names, kept for every format).
+        self.im_start, self.im_end = ids(self.format.turn_start), ids(self.format.turn_end)
         self.vision_pad = ids(VISION_PAD)
-        self.pad_id = ids("<|endoftext|>")
+        self.pad_id = ids(self.format.pad)
         # Role lines, questions and short answers recur in sample after sample, and each tokenizer
         # call is slow Python: cached, data loading stops showing in a step (docs/findings.md).
         self._text_ids = {}
@@ -101,9 +172,12 @@ class ChatEncoder:
         return ids
 
     def encode(self, conversations: list, add_generation_prompt=False, slot_counts=None):
-        """→ (ids, labels, media_kinds). Labels cover each assistant answer and its <|im_end|>.
+        """→ (ids, labels, media_kinds). Labels cover each assistant answer and its turn-end token.
         slot_counts: the visual tokens of each marker's media, in order (default: K each)."""
         roles = check_turns(conversations)
+        if self.format.default_system and roles[0] != "system":
+            conversations = [{"role": "system", "content": self.format.default_system}, *conversations]
+            roles = ["system", *roles]
         if slot_counts is not None and len(slot_counts) != len(marker_kinds(conversations)):
             raise BadSample(f"{len(marker_kinds(conversations))} <video>/<image> marker(s) for "
                             f"{len(slot_counts)} media item(s)")

@@ -15,6 +15,7 @@ class LMConfig:
     rope_theta: float = 1e6
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    qk_norm: bool = False            # per-head RMSNorm of q and k before RoPE (minimind-3, Qwen3)
 
 
 @dataclass

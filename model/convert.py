@@ -1,4 +1,5 @@
-"""Language-model weights in and out of model/lm.py's layout: MiniMind .pth files, Hugging Face Llama folders, our own files."""
+"""Language-model weights in and out of model/lm.py's layout: MiniMind .pth files, Hugging Face Llama and Qwen3
+folders, our own files."""
 import json
 import re
 from collections import Counter
@@ -8,12 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.atomic import atomic_write
+from model.chat import chat_format
 from model.config import LMConfig, config_from_dict, config_to_dict
 from model.lm import LanguageModel
 from model.weights_io import CheckpointError, few, load_torch_state_dict, misfit, read_safetensors_metadata
 
 # Our key → theirs; "{n}" is the layer index. lm_head.weight is tied to embed_tokens.weight in our LM.
-HF_NAMES = {   # transformers LlamaForCausalLM, and MiniMind's later model_minimind.py (same names)
+HF_NAMES = {   # transformers LlamaForCausalLM / Qwen3ForCausalLM, and MiniMind's later model_minimind.py (same names)
     "embed_tokens.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
@@ -22,6 +24,8 @@ HF_NAMES = {   # transformers LlamaForCausalLM, and MiniMind's later model_minim
     "layers.{n}.attn.k_proj.weight": "model.layers.{n}.self_attn.k_proj.weight",
     "layers.{n}.attn.v_proj.weight": "model.layers.{n}.self_attn.v_proj.weight",
     "layers.{n}.attn.o_proj.weight": "model.layers.{n}.self_attn.o_proj.weight",
+    "layers.{n}.attn.q_norm.weight": "model.layers.{n}.self_attn.q_norm.weight",   # qk_norm LMs only
+    "layers.{n}.attn.k_norm.weight": "model.layers.{n}.self_attn.k_norm.weight",
     "layers.{n}.post_attn_norm.weight": "model.layers.{n}.post_attention_layernorm.weight",
     "layers.{n}.mlp.gate_proj.weight": "model.layers.{n}.mlp.gate_proj.weight",
     "layers.{n}.mlp.up_proj.weight": "model.layers.{n}.mlp.up_proj.weight",
@@ -45,6 +49,12 @@ TIED = "lm_head.weight"
 # Buffers some writers saved beside the weights; they are recomputed, never learned.
 RECOMPUTED_BUFFERS = re.compile(r"(^|\.)(attention\.mask|rotary_emb\.inv_freq)$")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")   # DDP / torch.compile wrappers
+# Mixture-of-experts feed-forward layers (MiniMind2-MoE, minimind-3-moe): a router and experts instead of one MLP.
+MOE_KEYS = re.compile(r"\.(mlp|feed_forward)\.(gate|experts|shared_experts)\.")
+# What a MiniMind .pth cannot tell, per generation (their model code's defaults): MiniMind2 (model.py, and
+# model_minimind.py until 2026-03) and minimind-3 (per-head q/k norm, 768 wide, 8 heads, 4 KV heads).
+MINIMIND_DEFAULTS = {"MiniMind2": dict(num_heads=8, rope_theta=1e6, norm_eps=1e-5),
+                     "minimind-3": dict(num_heads=None, rope_theta=1e6, norm_eps=1e-6)}   # heads: from q_norm's size
 
 
 class ConversionError(Exception):
@@ -122,13 +132,32 @@ def check_fits(cfg: LMConfig, state: dict, names: dict, path):
         raise ConversionError(f"{path}: does not fit a {cfg.num_layers}-layer {cfg.hidden_size}-wide LM — {problems}")
 
 
-def infer_config(state: dict, names: dict, path, num_heads: int, **fixed) -> LMConfig:
-    """Sizes from the tensor shapes; num_heads cannot be read off the shapes and is given."""
+def heads_from_qk_norm(state: dict, names: dict, path, num_heads, dim: int):
+    """The head count of an LM with per-head q/k norms: their size is head_dim, so it is read off the shapes
+    (a num_heads given must agree); num_heads unchanged for an LM without them."""
+    norm = next((v for k, v in state.items() if k.endswith("attn.q_norm.weight")), None)
+    if norm is None:
+        return num_heads
+    name, size = _theirs("layers.0.attn.q_norm.weight", names), norm.shape[0] if norm.ndim == 1 else 0
+    if not size or dim % size:
+        raise ConversionError(f"{path}: {name} has shape {tuple(norm.shape)}, "
+                              f"not a head_dim dividing hidden size {dim}")
+    if num_heads not in (None, dim // size):
+        raise ConversionError(f"{path}: num_heads {num_heads} given, but {name} has size {size}, "
+                              f"so head_dim is {size} and there are {dim // size} heads")
+    return dim // size
+
+
+def infer_config(state: dict, names: dict, path, num_heads=None, **fixed) -> LMConfig:
+    """Sizes from the tensor shapes; num_heads cannot be read off them (unless the LM has q/k norms) and is given."""
     needed = ["embed_tokens.weight", "layers.0.attn.k_proj.weight", "layers.0.mlp.gate_proj.weight"]
     missing = [_theirs(k, names) for k in needed if k not in state]
     if missing:
         raise ConversionError(f"{path}: missing {', '.join(missing)}")
     vocab, dim = state["embed_tokens.weight"].shape
+    num_heads = heads_from_qk_norm(state, names, path, num_heads, dim)
+    if not num_heads:
+        raise ConversionError(f"{path}: the head count cannot be read off the shapes; pass num_heads")
     if dim % num_heads:
         raise ConversionError(f"{path}: hidden size {dim} is not a multiple of num_heads {num_heads}")
     head_dim = dim // num_heads
@@ -141,8 +170,10 @@ def infer_config(state: dict, names: dict, path, num_heads: int, **fixed) -> LMC
         raise ConversionError(f"{path}: {_theirs('layers.0.attn.k_proj.weight', names)} has {kv_rows} rows, "
                               f"not a multiple of head_dim {head_dim} (is num_heads {num_heads} right?)")
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k)))
+    qk_norm = any(k.endswith(("attn.q_norm.weight", "attn.k_norm.weight")) for k in state)
     return LMConfig(vocab_size=vocab, hidden_size=dim, num_layers=layers, num_heads=num_heads,
-                    num_kv_heads=kv_rows // head_dim, intermediate_size=usual_rows("mlp.gate_proj.weight"), **fixed)
+                    num_kv_heads=kv_rows // head_dim, intermediate_size=usual_rows("mlp.gate_proj.weight"),
+                    qk_norm=qk_norm, **fixed)
 
 
 def interleaved_to_half_split(weight, head_dim: int):
@@ -177,17 +208,29 @@ def minimind_layout(state: dict, path):
                           f"model.embed_tokens/model.layers.N.self_attn.q_proj); keys start: {few(state, 4)}")
 
 
-def read_minimind(path, num_heads: int = 8, rope_theta: float = 1e6, norm_eps: float = 1e-5):
-    """(LMConfig, our state dict) from a MiniMind LM .pth.
+def minimind_generation(state: dict, path) -> str:
+    """"minimind-3" (per-head q/k norms) or "MiniMind2", from the key names; MoE LMs are refused."""
+    experts = [k for k in state if MOE_KEYS.search(k)]
+    if experts:
+        raise ConversionError(f"{path}: a mixture-of-experts (MoE) LM ({few(experts, 2)}); only dense MiniMind "
+                              "LMs load (e.g. lm_512.pth, llm_768.pth)")
+    return "minimind-3" if any(k.endswith(("q_norm.weight", "k_norm.weight")) for k in state) else "MiniMind2"
+
+
+def read_minimind(path, num_heads=None, rope_theta=None, norm_eps=None):
+    """(LMConfig, our state dict) from a MiniMind LM .pth; a setting left None takes its generation's value.
 
     MiniMind2's model.py names (tok_embeddings, layers.N.attention.wq, ...) come with its interleaved
     complex RoPE, so q/k rows are permuted; the later HF-style names (model.layers.N.self_attn.q_proj)
-    come with a half-split RoPE like ours and are only renamed.
+    come with a half-split RoPE like ours and are only renamed (minimind-3's q/k norms too).
     """
     raw = read_torch_file(path)
+    generation = minimind_generation(raw, path)
     names, interleaved = minimind_layout(raw, path)
     state = untie(rename_in(raw, names, path), names, path)
-    cfg = infer_config(state, names, path, num_heads, rope_theta=rope_theta, norm_eps=norm_eps)
+    given = dict(num_heads=num_heads, rope_theta=rope_theta, norm_eps=norm_eps)
+    settings = {**MINIMIND_DEFAULTS[generation], **{k: v for k, v in given.items() if v is not None}}
+    cfg = infer_config(state, names, path, **settings)
     check_fits(cfg, state, names, path)
     if interleaved:
         head_dim = cfg.hidden_size // cfg.num_heads
@@ -197,8 +240,13 @@ def read_minimind(path, num_heads: int = 8, rope_theta: float = 1e6, norm_eps: f
     return cfg, state
 
 
+# model_type → (transformers class, whether it has per-head q/k norms): the decoders our LM can be.
+HF_ARCHITECTURES = {"llama": ("LlamaForCausalLM", False), "qwen3": ("Qwen3ForCausalLM", True)}
+
+
 def read_hf_config(folder):
-    """(our LMConfig, the raw config dict) from a Llama config.json; what we cannot represent is refused by name."""
+    """(the raw config dict, our LMConfig) from a Llama or Qwen3 config.json; what we cannot represent is refused
+    by name."""
     path = Path(folder) / "config.json"
     try:
         hf = json.loads(path.read_text())
@@ -206,14 +254,16 @@ def read_hf_config(folder):
         raise ConversionError(f"{folder}: no config.json (not a Hugging Face model folder)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not valid JSON ({e})") from None
-    if hf.get("model_type") != "llama":
-        raise ConversionError(f"{path}: model_type {hf.get('model_type')!r}; only Llama (LlamaForCausalLM) folders load")
+    if hf.get("model_type") not in HF_ARCHITECTURES:
+        raise ConversionError(f"{path}: model_type {hf.get('model_type')!r}; only Llama (LlamaForCausalLM) and "
+                              "Qwen3 (Qwen3ForCausalLM) folders load")
     rope = hf.get("rope_parameters") or {}
     refusals = [(hf.get("attention_bias", False), "attention_bias is true (our attention has no biases)"),
                 (hf.get("mlp_bias", False), "mlp_bias is true (our MLP has no biases)"),
                 (hf.get("rope_scaling"), f"rope_scaling {hf.get('rope_scaling')} (only plain RoPE)"),
                 (rope.get("rope_type", "default") != "default", f"rope_type {rope.get('rope_type')!r} (only plain RoPE)"),
-                (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (only silu)")]
+                (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (only silu)"),
+                (hf.get("use_sliding_window", False), "use_sliding_window is true (only full attention)")]
     for refused, why in refusals:
         if refused:
             raise ConversionError(f"{path}: {why}")
@@ -227,7 +277,8 @@ def read_hf_config(folder):
                         intermediate_size=hf["intermediate_size"],
                         max_seq_len=hf.get("max_position_embeddings", LMConfig.max_seq_len),
                         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-                        norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
+                        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                        qk_norm=HF_ARCHITECTURES[hf["model_type"]][1])
     except KeyError as e:
         raise ConversionError(f"{path}: no {e.args[0]} field") from None
 
@@ -254,10 +305,10 @@ def read_hf_weights(folder) -> dict:
 
 
 def read_hf_folder(folder):
-    """(LMConfig, our state dict) from a Hugging Face LlamaForCausalLM folder (config.json is read, never code)."""
+    """(LMConfig, our state dict) from a Hugging Face Llama or Qwen3 folder (config.json is read, never code)."""
     hf, cfg = read_hf_config(folder)
     state = rename_in(read_hf_weights(folder), HF_NAMES, folder)
-    if not hf.get("tie_word_embeddings", False) and TIED not in state:   # Llama's default is untied
+    if not hf.get("tie_word_embeddings", False) and TIED not in state:   # Llama's and Qwen3's default is untied
         raise ConversionError(f"{folder}: tie_word_embeddings is false but there is no lm_head.weight")
     state = untie(state, HF_NAMES, folder)
     check_fits(cfg, state, HF_NAMES, folder)
@@ -281,10 +332,11 @@ def read_ours(path):
     return cfg, state
 
 
-def read_lm(path, num_heads: int = 8, rope_theta: float = 1e6, norm_eps: float = 1e-5):
+def read_lm(path, num_heads=None, rope_theta=None, norm_eps=None):
     """(LMConfig, state) from any supported source: a HF folder, our .safetensors, or a MiniMind .pth.
 
-    num_heads / rope_theta / norm_eps apply to MiniMind files only (the others record them).
+    num_heads / rope_theta / norm_eps apply to MiniMind files only (None: the generation's value; the
+    others record them).
     """
     p = Path(path)
     if p.is_dir():
@@ -327,9 +379,15 @@ def save_lm(cfg: LMConfig, state: dict, path, **info):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def hf_architecture(cfg: LMConfig) -> str:
+    """The transformers class our LM is written as: Qwen3ForCausalLM with per-head q/k norms, else LlamaForCausalLM."""
+    return next(name for name, qk_norm in HF_ARCHITECTURES.values() if qk_norm == cfg.qk_norm)
+
+
 def hf_config(cfg: LMConfig, bos_id: int, eos_id: int, pad_id: int) -> dict:
-    """config.json for transformers' LlamaForCausalLM; rope_theta is written both the v4 and the v5 way."""
-    return {
+    """config.json for transformers' LlamaForCausalLM, or Qwen3ForCausalLM when the LM has q/k norms; rope_theta
+    is written both the v4 and the v5 way."""
+    config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
@@ -341,22 +399,29 @@ def hf_config(cfg: LMConfig, bos_id: int, eos_id: int, pad_id: int) -> dict:
         "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True, "torch_dtype": "float32",
         "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
     }
+    if cfg.qk_norm:   # Qwen3: Llama's fields less the MLP bias and tensor-parallel ones, full attention in every layer
+        for key in ("mlp_bias", "pretraining_tp"):
+            config.pop(key)
+        config.update({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                       "sliding_window": None, "max_window_layers": cfg.num_layers})
+    return config
 
 
-def save_hf_folder(cfg: LMConfig, state: dict, tokenizer, out_dir, chat_template: str):
-    """A LlamaForCausalLM folder: config.json, generation_config.json, model.safetensors, tokenizer files."""
+def save_hf_folder(cfg: LMConfig, state: dict, tokenizer, out_dir):
+    """A LlamaForCausalLM (or Qwen3ForCausalLM) folder: config.json, generation_config.json, model.safetensors,
+    tokenizer files with a chat template in the tokenizer's own chat format (model.chat.chat_format)."""
     check_fits(cfg, state, {}, out_dir)
     if len(tokenizer) > cfg.vocab_size:
         raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but the LM only {cfg.vocab_size} rows")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids = tokenizer.convert_tokens_to_ids
-    bos, eos, pad = ids("<|im_start|>"), ids("<|im_end|>"), ids("<|endoftext|>")
+    fmt = chat_format(tokenizer)
+    bos, eos, pad = (tokenizer.convert_tokens_to_ids(t) for t in (fmt.turn_start, fmt.turn_end, fmt.pad))
     tensors = {k: v.detach().float().contiguous() for k, v in rename_out(state, HF_NAMES).items()}
     atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     (out / "config.json").write_text(json.dumps(hf_config(cfg, bos, eos, pad), indent=2) + "\n")
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer.chat_template = chat_template
+    tokenizer.chat_template = fmt.template   # spells exactly what ChatEncoder builds, so HF tools prompt alike
     tokenizer.save_pretrained(str(out))
     return out

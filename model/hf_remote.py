@@ -10,7 +10,7 @@ model alone); its `auto_map` sends AutoModel here, and its `video_llm` block nam
 """
 from pathlib import Path
 
-from transformers import LlamaConfig, PreTrainedModel
+from transformers import AutoConfig, LlamaConfig, PreTrainedModel
 
 from model.engine import Engine, SamplingOptions
 
@@ -42,7 +42,7 @@ class TinyVideoLLM(PreTrainedModel):
         """Load the folder's checkpoint (safetensors, no pickle), tokenizer and vision tower: the tower is
         the weights file the folder carries, or an open_clip pretrained tag that open_clip downloads."""
         folder = local_folder(name_or_path, kwargs)
-        config = config or LlamaConfig.from_pretrained(str(folder))
+        config = config or AutoConfig.from_pretrained(str(folder))   # Llama, or Qwen3 for an LM with q/k norms
         files = getattr(config, CONFIG_KEY, None)
         if not isinstance(files, dict) or "checkpoint" not in files:
             raise ValueError(f"{folder}: config.json has no {CONFIG_KEY!r} block (export it with scripts/export_hf.py)")

@@ -108,7 +108,8 @@ class JointProjections(nn.Module):
 class Attention(JointProjections):
     """Multi-head attention with grouped KV heads, through F.scaled_dot_product_attention."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0,
+                 qk_norm: bool = False, eps: float = 1e-5):
         super().__init__()
         if dim % num_heads or num_heads % num_kv_heads:
             raise ValueError(f"dim {dim}, heads {num_heads}, kv heads {num_kv_heads} do not divide")
@@ -119,16 +120,22 @@ class Attention(JointProjections):
         self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
         self.dropout = dropout
+        # Off by default: without it the module has no norm weights, so existing checkpoints load unchanged.
+        self.qk_norm = qk_norm
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps)
+            self.k_norm = RMSNorm(self.head_dim, eps)
 
     def forward(self, x, rope=None, mask=None, causal=False, cache=None, layer=0):
         B, L, _ = x.shape
         H, KV = self.num_heads, self.num_kv_heads
         qkv = self.joint(x).view(B, L, H + 2 * KV, self.head_dim)
-        if rope is None:
-            q, k, v = qkv.split([H, KV, KV], dim=2)
-        else:   # q and k rotate together, in one pass
-            q, k = apply_rope(qkv[:, :, :H + KV], *rope).split([H, KV], dim=2)
-            v = qkv[:, :, H + KV:]
+        qk, v = qkv[:, :, :H + KV], qkv[:, :, H + KV:]
+        if self.qk_norm:   # each head's q and k normalised before RoPE, as minimind-3 and Qwen3 do
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
+        if rope is not None:   # q and k rotate together, in one pass
+            qk = apply_rope(qk, *rope)
+        q, k = qk.split([H, KV], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -160,10 +167,10 @@ class SwiGLU(JointProjections):
 class Block(nn.Module):
     """Pre-norm transformer block; causal with RoPE in the LM, bidirectional in VideoSummary."""
 
-    def __init__(self, dim, num_heads, num_kv_heads, hidden, eps, dropout=0.0):
+    def __init__(self, dim, num_heads, num_kv_heads, hidden, eps, dropout=0.0, qk_norm=False):
         super().__init__()
         self.input_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, num_heads, num_kv_heads, dropout)
+        self.attn = Attention(dim, num_heads, num_kv_heads, dropout, qk_norm, eps)
         self.post_attn_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
 
@@ -179,7 +186,7 @@ class LanguageModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             Block(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size,
-                  cfg.norm_eps, cfg.dropout) for _ in range(cfg.num_layers))
+                  cfg.norm_eps, cfg.dropout, cfg.qk_norm) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed_tokens.weight   # tied

@@ -1,4 +1,5 @@
-"""Convert a MiniMind LM checkpoint (.pth, e.g. MiniMind2's lm_512.pth) into our LM file (.safetensors)."""
+"""Convert a MiniMind LM checkpoint (.pth: MiniMind2's lm_512.pth, minimind-3's llm_768.pth) into our LM file
+(.safetensors)."""
 import argparse
 import sys
 
@@ -10,9 +11,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--lm", required=True, help="MiniMind LM state dict (.pth); loaded as tensors only, never as code")
     p.add_argument("--out", required=True, help="our LM file, e.g. out/lm_512.safetensors")
-    p.add_argument("--num_heads", type=int, default=8, help="attention heads (not readable from the shapes; MiniMind2: 8)")
-    p.add_argument("--rope_theta", type=float, default=1e6, help="RoPE base (MiniMind2: 1e6)")
-    p.add_argument("--norm_eps", type=float, default=1e-5, help="RMSNorm epsilon (MiniMind2: 1e-5)")
+    # Left unset, each takes the value of the MiniMind generation the keys show (q/k norms: minimind-3).
+    p.add_argument("--num_heads", type=int, default=None,
+                   help="attention heads (MiniMind2: 8, not readable from its shapes; minimind-3: read off q_norm)")
+    p.add_argument("--rope_theta", type=float, default=None, help="RoPE base (both generations: 1e6)")
+    p.add_argument("--norm_eps", type=float, default=None, help="RMSNorm epsilon (MiniMind2: 1e-5, minimind-3: 1e-6)")
     return p.parse_args(argv)
 
 
@@ -24,8 +27,10 @@ def main(argv=None):
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{args.lm} → {args.out}: dim {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads "
-          f"({cfg.num_kv_heads} KV), SwiGLU {cfg.intermediate_size}, vocab {cfg.vocab_size}, RoPE θ {cfg.rope_theta:g}")
+    generation = "minimind-3, per-head q/k norms" if cfg.qk_norm else "MiniMind2"
+    print(f"{args.lm} → {args.out} ({generation}): dim {cfg.hidden_size}, {cfg.num_layers} layers, "
+          f"{cfg.num_heads} heads ({cfg.num_kv_heads} KV), SwiGLU {cfg.intermediate_size}, vocab {cfg.vocab_size}, "
+          f"RoPE θ {cfg.rope_theta:g}, RMSNorm ε {cfg.norm_eps:g}")
 
 
 if __name__ == "__main__":

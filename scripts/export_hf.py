@@ -1,15 +1,15 @@
-"""Export one of our checkpoints as a Hugging Face folder (the LM as LlamaForCausalLM, the whole video model behind
-AutoModel with trust_remote_code, tokenizer, model card) and, with --push_to_hub, upload it with huggingface_hub."""
+"""Export one of our checkpoints as a Hugging Face folder (the LM as LlamaForCausalLM or Qwen3ForCausalLM, the whole
+video model behind AutoModel with trust_remote_code, tokenizer, model card) and, with --push_to_hub, upload it."""
 import argparse
 import json
 import sys
 from pathlib import Path
 
 from _repo import ROOT
-from model.chat import CHAT_TEMPLATE, TokenizerError, load_tokenizer
+from model.chat import TokenizerError, load_tokenizer
 from model.checkpoint import CheckpointError, find_checkpoint
 from model.config import config_to_dict
-from model.convert import ConversionError, read_ours, save_hf_folder
+from model.convert import ConversionError, hf_architecture, read_ours, save_hf_folder
 from model.hf_bundle import CHECKPOINT_FILE as VIDEO_MODEL_FILE, write_video_model
 MAX_STAGES = 10                              # how far the card follows `source` back through earlier stages
 
@@ -85,12 +85,13 @@ def model_card(path: Path, meta: dict, metrics: dict, lm_cfg) -> str:
         rows.append([f"`{ckpt.stem}`", m.get("stage", "–"), m.get("step", "–"), f"`{m.get('data') or '–'}`",
                      m.get("parts", "–"), f"{val:.4f}" if isinstance(val, float) else "–"])
     lines = ["---", "license: mit", "library_name: transformers", "pipeline_tag: text-generation",
-             "tags: [video-llm, llama, tiny-video-llm]", "---", "", f"# {path.stem}", "",
+             f"tags: [video-llm, {'qwen3' if lm_cfg.qk_norm else 'llama'}, tiny-video-llm]", "---", "",
+             f"# {path.stem}", "",
              "A tiny video language model from the *tiny video LLM* repo: a Llama-style decoder, a frozen open_clip "
              "image tower, and a VideoSummary block that turns per-frame CLIP features into a few tokens the "
              "decoder reads.", "", "## Files", "",
              "- `config.json`, `model.safetensors`, tokenizer files: the **language model alone** as "
-             "`LlamaForCausalLM` (text in, text out; `AutoModelForCausalLM.from_pretrained`).",
+             f"`{hf_architecture(lm_cfg)}` (text in, text out; `AutoModelForCausalLM.from_pretrained`).",
              f"- `{VIDEO_MODEL_FILE}`: the **whole video model** (LM, VideoSummary, projector; config in its "
              "safetensors metadata), for `AutoModel` below and the repo's `eval.py --weight` and `scripts/web_demo.py`."]
     if vision:
@@ -152,7 +153,7 @@ def export(weight, out, out_dir="out", tokenizer=None, metrics_file=None, clip_p
             raise ConversionError(f"{path}: names no tokenizer; pass --tokenizer")
     if not Path(tokenizer).is_dir():
         raise ConversionError(f"{tokenizer}: tokenizer folder not found (pass --tokenizer)")
-    folder = save_hf_folder(cfg, state, load_tokenizer(tokenizer), out, CHAT_TEMPLATE)
+    folder = save_hf_folder(cfg, state, load_tokenizer(tokenizer), out)
     if "vision_config" in meta:   # a whole video model, not an LM-only file
         vision = json.loads(meta["vision_config"])
         vision["clip_pretrained"] = clip_pretrained or vision.get("clip_pretrained", "")
@@ -188,7 +189,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         folder = export(args.weight, args.out, args.out_dir, args.tokenizer, args.metrics, args.clip_pretrained)
-        print(f"{args.weight} → {folder} (transformers LlamaForCausalLM; the video model behind AutoModel; README.md)")
+        architecture = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+        print(f"{args.weight} → {folder} (transformers {architecture}; the video model behind AutoModel; README.md)")
         if args.push_to_hub:
             url = push_to_hub(folder, args.push_to_hub, args.private, args.token)
             print(f"uploaded {folder} → {url}")

@@ -78,11 +78,11 @@ def frame_encoder(vision_cfg):
 
 def tiny_vlm(seed=0, vocab_size=64, clip_dim=16, summary="temporal", num_heads=2, num_kv_heads=1,
              num_frames=4, num_visual_tokens=2, vision_token_id=3, time_encoding="index",
-             segment_seconds=0.0) -> VideoLLM:
+             segment_seconds=0.0, qk_norm=False) -> VideoLLM:
     """A tiny VideoLLM fed with hand-made (N, T, clip_dim) features instead of CLIP."""
     torch.manual_seed(seed)
     lm = LMConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=num_heads,
-                  num_kv_heads=num_kv_heads, intermediate_size=64, max_seq_len=128)
+                  num_kv_heads=num_kv_heads, intermediate_size=64, max_seq_len=128, qk_norm=qk_norm)
     vis = VisionConfig(clip_dim=clip_dim, num_frames=num_frames, summary=summary,
                        num_visual_tokens=num_visual_tokens, summary_dim=16, summary_layers=1,
                        summary_heads=2, vision_token_id=vision_token_id, time_encoding=time_encoding,

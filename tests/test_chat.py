@@ -1,7 +1,8 @@
-"""ChatEncoder: assistant-only labels, multi-turn layout, chat-template parity, literal special tokens."""
+"""ChatEncoder: assistant-only labels, multi-turn layout, chat-template parity, literal special tokens, the chat
+format read from the tokenizer."""
 import pytest
 
-from model.chat import IGNORE, BadSample, ChatEncoder
+from model.chat import CHAT_TEMPLATE, CHATML, IGNORE, BadSample, ChatEncoder, load_tokenizer
 
 K = 3
 
@@ -135,3 +136,24 @@ def test_each_marker_gets_the_slots_its_media_is_given(chat):
     assert chat.encode(conv)[0].count(chat.vision_pad) == 2 * chat.k
     with pytest.raises(BadSample, match="2 <video>/<image> marker"):
         chat.encode(conv, slot_counts=[5])
+
+
+def test_our_tokenizer_speaks_chatml_with_our_template_and_no_default_system(chat):
+    assert chat.format == CHATML and CHATML.template == CHAT_TEMPLATE and CHATML.default_system == ""
+    ids = chat.tok.convert_tokens_to_ids
+    assert (chat.im_start, chat.im_end, chat.pad_id) == (ids("<|im_start|>"), ids("<|im_end|>"), ids("<|endoftext|>"))
+
+
+def test_a_system_turn_the_tokenizers_template_writes_by_default_is_written_when_none_is_given(tokenizer_dir):
+    """MiniMind's 2025 templates add a system turn to every conversation without one; its LMs always saw it."""
+    tok = load_tokenizer(tokenizer_dir)
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe kind.<|im_end|>\n"
+                         "{% endif %}" + CHAT_TEMPLATE)
+    chat = ChatEncoder(tok, K)
+    assert chat.format.default_system == "Be kind."
+    conv = conversation("hi", "yes")
+    ids, labels, _ = chat.encode(conv)
+    assert tok.decode(ids) == tok.apply_chat_template(conv, tokenize=False)
+    assert [tok.decode(s) for s in labelled_spans(labels)] == ["yes<|im_end|>"]   # the system turn is never labelled
+    tok.chat_template = chat.format.template   # the template an export writes spells the same ids
+    assert tok.apply_chat_template(conv, tokenize=False) == tok.decode(ids)

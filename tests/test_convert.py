@@ -1,6 +1,8 @@
-"""LM weights in and out: MiniMind .pth → ours (interleaved RoPE permuted), HF Llama folders ↔ ours, refusals."""
+"""LM weights in and out: MiniMind .pth → ours (MiniMind2's interleaved RoPE permuted, minimind-3's q/k norms),
+HF Llama and Qwen3 folders ↔ ours, refusals."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,8 +16,7 @@ from model.lm import LanguageModel
 
 DIM, LAYERS, HEADS, KV_HEADS, HIDDEN, VOCAB = 32, 2, 4, 2, 64, 96
 THETA, EPS = 1e6, 1e-5
-
-
+EPS3 = 1e-6   # minimind-3's RMSNorm epsilon (its model code's default, which the converter must pick)
 
 
 def build_lm(cfg, state) -> LanguageModel:
@@ -25,14 +26,14 @@ def build_lm(cfg, state) -> LanguageModel:
 
 # ---------------------------------------------------------------- an independent MiniMind reference
 
-def minimind_state(seed=0, dtype=torch.float16) -> dict:
+def minimind_state(seed=0, dtype=torch.float16, vocab=VOCAB) -> dict:
     """Random weights under MiniMind2 model.py's names; output.weight is tokens' embedding (tied)."""
     g = torch.Generator().manual_seed(seed)
 
     def w(*shape, std=0.3):
         return (torch.randn(*shape, generator=g) * std).to(dtype)
     head_dim = DIM // HEADS
-    sd = {"tok_embeddings.weight": w(VOCAB, DIM, std=1.0), "norm.weight": 1 + w(DIM, std=0.1)}
+    sd = {"tok_embeddings.weight": w(vocab, DIM, std=1.0), "norm.weight": 1 + w(DIM, std=0.1)}
     for i in range(LAYERS):
         p = f"layers.{i}."
         sd.update({p + "attention_norm.weight": 1 + w(DIM, std=0.1), p + "ffn_norm.weight": 1 + w(DIM, std=0.1),
@@ -75,6 +76,61 @@ def minimind_logits(sd: dict, ids):
         h = h + (F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)) \
             @ sd[p + "feed_forward.w2.weight"].T
     return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
+
+
+def minimind3_state(seed=0, dtype=torch.float16, vocab=VOCAB) -> dict:
+    """Random weights under minimind-3 model_minimind.py's names, per-head q/k norm weights away from 1;
+    lm_head.weight is the embedding (tied)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape, std=0.3):
+        return (torch.randn(*shape, generator=g) * std).to(dtype)
+    head_dim = DIM // HEADS
+    sd = {"model.embed_tokens.weight": w(vocab, DIM, std=1.0), "model.norm.weight": 1 + w(DIM, std=0.1)}
+    for i in range(LAYERS):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        sd.update({p + "input_layernorm.weight": 1 + w(DIM, std=0.1),
+                   p + "post_attention_layernorm.weight": 1 + w(DIM, std=0.1),
+                   a + "q_proj.weight": w(HEADS * head_dim, DIM), a + "k_proj.weight": w(KV_HEADS * head_dim, DIM),
+                   a + "v_proj.weight": w(KV_HEADS * head_dim, DIM), a + "o_proj.weight": w(DIM, HEADS * head_dim),
+                   a + "q_norm.weight": 1 + w(head_dim, std=0.3), a + "k_norm.weight": 1 + w(head_dim, std=0.3),
+                   m + "gate_proj.weight": w(HIDDEN, DIM), m + "up_proj.weight": w(HIDDEN, DIM),
+                   m + "down_proj.weight": w(DIM, HIDDEN)})
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
+
+
+def minimind3_logits(sd: dict, ids):
+    """minimind-3's forward written out: each head's q and k RMS-normalised, then a half-split RoPE
+    (dim i turns with dim i + head_dim/2), GQA by repetition."""
+    sd = {k: v.float() for k, v in sd.items()}
+    B, L = ids.shape
+    head_dim = DIM // HEADS
+    freqs = 1.0 / THETA ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(L).float(), freqs).repeat(1, 2)[None, :, None, :]
+
+    def rms(x, weight):
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS3))
+
+    def rope(x):   # (B, L, H, D)
+        first, second = x.chunk(2, dim=-1)
+        return x * angles.cos() + torch.cat([-second, first], dim=-1) * angles.sin()
+
+    h = sd["model.embed_tokens.weight"][ids]
+    causal = torch.full((L, L), float("-inf")).triu(1)
+    for i in range(LAYERS):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        x = rms(h, sd[f"model.layers.{i}.input_layernorm.weight"])
+        q = rope(rms((x @ sd[a + "q_proj.weight"].T).view(B, L, HEADS, head_dim), sd[a + "q_norm.weight"]))
+        k = rope(rms((x @ sd[a + "k_proj.weight"].T).view(B, L, KV_HEADS, head_dim), sd[a + "k_norm.weight"]))
+        v = (x @ sd[a + "v_proj.weight"].T).view(B, L, KV_HEADS, head_dim)
+        k, v = (t.repeat_interleave(HEADS // KV_HEADS, dim=2) for t in (k, v))
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim) + causal
+        h = h + torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, L, DIM) @ sd[a + "o_proj.weight"].T
+        x = rms(h, sd[f"model.layers.{i}.post_attention_layernorm.weight"])
+        h = h + (F.silu(x @ sd[m + "gate_proj.weight"].T) * (x @ sd[m + "up_proj.weight"].T)) \
+            @ sd[m + "down_proj.weight"].T
+    return rms(h, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
 
 
 def our_logits(lm, ids):
@@ -133,6 +189,54 @@ def test_hf_named_minimind_pth_is_renamed_and_matches_transformers(tmp_path):
     torch.save({k: v.half() for k, v in hf.state_dict().items()}, tmp_path / "lm.pth")
     cfg, state = read_lm(tmp_path / "lm.pth", num_heads=HEADS, rope_theta=THETA)
     assert (our_logits(build_lm(cfg, state), IDS) - expected).abs().max().item() < 1e-4
+
+
+def test_minimind3_pth_converts_with_its_q_k_norms_to_identical_logits(tmp_path, capsys):
+    """llm_768.pth's layout: the head count is read off q_norm's size and ε is minimind-3's, so no flag is needed."""
+    from convert_minimind import main
+    sd = minimind3_state()
+    torch.save(sd, tmp_path / "llm_32.pth")
+    main([f"--lm={tmp_path / 'llm_32.pth'}", f"--out={tmp_path / 'llm_32.safetensors'}"])
+    assert "minimind-3" in capsys.readouterr().out
+    cfg, state = read_lm(tmp_path / "llm_32.safetensors")
+    assert (cfg.qk_norm, cfg.num_heads, cfg.num_kv_heads, cfg.norm_eps, cfg.rope_theta) == \
+        (True, HEADS, KV_HEADS, EPS3, THETA)
+    expected = minimind3_logits(sd, IDS)
+    diff = (our_logits(build_lm(cfg, state), IDS) - expected).abs().max().item()
+    print(f"minimind-3 → ours: max |Δlogits| = {diff:.3g}")
+    assert diff < 1e-4
+    # The reference is sensitive to the q/k norms: the same LM without them is far off.
+    plain = {k: v for k, v in state.items() if not k.endswith(("attn.q_norm.weight", "attn.k_norm.weight"))}
+    assert (our_logits(build_lm(replace(cfg, qk_norm=False), plain), IDS) - expected).abs().max().item() > 0.1
+
+
+def with_experts(sd: dict, mlp: str, parts: dict, experts=2) -> dict:
+    """Layer 0's dense MLP swapped for a router and experts, as MiniMind's MoE LMs store it."""
+    sd = {k: v for k, v in sd.items() if not k.startswith(mlp)}
+    sd[mlp + "gate.weight"] = torch.zeros(experts, DIM, dtype=torch.float16)
+    for e in range(experts):
+        sd.update({f"{mlp}experts.{e}.{name}.weight": torch.zeros(shape, dtype=torch.float16)
+                   for name, shape in parts.items()})
+    return sd
+
+
+@pytest.mark.parametrize("moe", [
+    lambda: with_experts(minimind_state(), "layers.0.feed_forward.",
+                         {"w1": (HIDDEN, DIM), "w2": (DIM, HIDDEN), "w3": (HIDDEN, DIM)}),
+    lambda: with_experts(minimind3_state(), "model.layers.0.mlp.",
+                         {"gate_proj": (HIDDEN, DIM), "up_proj": (HIDDEN, DIM), "down_proj": (DIM, HIDDEN)}),
+], ids=["MiniMind2-MoE", "minimind-3-moe"])
+def test_a_mixture_of_experts_lm_stops_with_one_line(tmp_path, capsys, moe):
+    torch.save(moe(), tmp_path / "moe.pth")
+    code, err = run_convert(capsys, tmp_path / "moe.pth", tmp_path / "lm.safetensors")
+    assert code == 1 and err.count("\n") == 1 and "mixture-of-experts" in err and "experts.0." in err, err
+    assert not (tmp_path / "lm.safetensors").exists()
+
+
+def test_num_heads_that_contradict_the_q_norm_size_are_named(tmp_path, capsys):
+    torch.save(minimind3_state(), tmp_path / "llm.pth")
+    code, err = run_convert(capsys, tmp_path / "llm.pth", tmp_path / "lm.safetensors", f"--num_heads={HEADS // 2}")
+    assert code == 1 and f"num_heads {HEADS // 2}" in err and "q_norm" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("change, words", [
@@ -226,23 +330,61 @@ def test_another_architecture_is_refused(tmp_path):
         read_lm(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer_dir, tokenizer, vocab_size):
-    """A tiny VLM checkpoint with lively LM weights, and its export as a transformers folder."""
+def random_qwen3(seed=0, **overrides):
+    """A transformers Qwen3ForCausalLM (the family minimind-3 follows): per-head q/k RMSNorm before RoPE."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=DIM, intermediate_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                    num_key_value_heads=KV_HEADS, head_dim=DIM // HEADS, vocab_size=VOCAB, rope_theta=THETA,
+                    rms_norm_eps=EPS3, tie_word_embeddings=True, max_position_embeddings=128, use_sliding_window=False)
+    model = Qwen3ForCausalLM(Qwen3Config(**{**settings, **overrides})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 if p.ndim >= 2 else 1 + 0.3 * torch.randn_like(p))   # norms away from 1
+    return model
+
+
+def test_a_saved_qwen3_loads_into_ours_with_the_same_logits(tmp_path):
+    hf = random_qwen3()
+    hf.save_pretrained(tmp_path / "qwen3")
+    cfg, state = read_hf_folder(tmp_path / "qwen3")
+    with torch.no_grad():
+        expected = hf(IDS).logits
+    diff = (our_logits(build_lm(cfg, state), IDS) - expected).abs().max().item()
+    print(f"HF Qwen3 → ours: max |Δlogits| = {diff:.3g}")
+    assert diff < 1e-4 and cfg.qk_norm and cfg.norm_eps == EPS3
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (dict(use_sliding_window=True, sliding_window=16), "sliding"),
+    (dict(head_dim=2 * DIM // HEADS), "head_dim"),
+    (dict(tie_word_embeddings=False), "untied"),
+])
+def test_qwen3_configs_we_cannot_represent_are_refused_by_name(tmp_path, overrides, words):
+    random_qwen3(**overrides).save_pretrained(tmp_path / "qwen3")
+    with pytest.raises(ConversionError, match=words) as err:
+        read_hf_folder(tmp_path / "qwen3")
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def exported(request, tmp_path_factory, tokenizer_dir, tokenizer, vocab_size):
+    """A tiny VLM checkpoint with lively LM weights (with per-head q/k norms for qwen3), and its export as a
+    transformers folder."""
     from conftest import tiny_vlm
     from export_hf import export
     from model.checkpoint import save_checkpoint
     tmp = tmp_path_factory.mktemp("export")
     vision_pad = tokenizer.convert_tokens_to_ids("<|vision_pad|>")
-    model = tiny_vlm(vocab_size=vocab_size, vision_token_id=vision_pad)
+    model = tiny_vlm(vocab_size=vocab_size, vision_token_id=vision_pad, qk_norm=request.param == "qwen3")
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.lm.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.5)
+            p.copy_(torch.randn_like(p) * 0.5 if p.ndim >= 2 else 1 + 0.3 * torch.randn_like(p))   # norms away from 1
     ckpt = tmp / "sft_video_32.safetensors"
     save_checkpoint(model, ckpt, stage="video", step=0, tokenizer=str(tokenizer_dir))
     folder = export(str(ckpt), tmp / "hf", out_dir=tmp)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == request.param
     return model.eval(), ckpt, folder
 
 

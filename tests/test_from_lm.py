@@ -1,16 +1,19 @@
-"""Starting the video LLM's LM from outside weights (--from_lm) with a MiniMind-style tokenizer that has no slot token."""
+"""Starting the video LLM's LM from outside weights (--from_lm) with a MiniMind-style tokenizer that has no slot token;
+which chat formats a tokenizer may have."""
 import pytest
 import torch
 
 from conftest import CLIP_MODEL, CLIP_SIZE, TINY_ARCH
-from model.chat import VISION_PAD, TokenizerError, load_tokenizer
+from model.chat import CHATML, MINIMIND2, VISION_PAD, TokenizerError, chat_format, load_tokenizer
 from model.config import LMConfig
 from model.convert import MINIMIND_NAMES, grow_vocab, read_minimind, rename_out
 from model.lm import LanguageModel
 
 
-def minimind_like_tokenizer(out_dir, synthetic, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>")):
-    """A byte-level BPE folder with MiniMind2's special tokens only: ChatML, no <|vision_pad|>."""
+def minimind_like_tokenizer(out_dir, synthetic, specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+                            chat_template=None):
+    """A byte-level BPE folder with only these special tokens (default: MiniMind2's 2025-04 ChatML ones, no
+    <|vision_pad|>): the pad token first, then turn start and turn end."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from model.tokenizer import iter_texts
@@ -20,8 +23,8 @@ def minimind_like_tokenizer(out_dir, synthetic, specials=("<|endoftext|>", "<|im
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(iter_texts([synthetic / "pretrain.jsonl"]), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[1], eos_token=specials[-1],
-                                 pad_token=specials[0], unk_token=specials[0])
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[1], eos_token=specials[2],
+                                 pad_token=specials[0], unk_token=specials[0], chat_template=chat_template)
     hf.save_pretrained(out_dir)
     return out_dir
 
@@ -39,10 +42,22 @@ def test_a_tokenizer_without_the_slot_token_gets_it_appended_at_the_end(minimind
     assert tok("a<|vision_pad|>b", add_special_tokens=False)["input_ids"][1] == len(plain)
 
 
-def test_a_tokenizer_without_chatml_tokens_is_refused(tmp_path, synthetic):
-    folder = minimind_like_tokenizer(tmp_path / "v1", synthetic, specials=("<unk>", "<s>", "</s>"))
-    with pytest.raises(TokenizerError, match="<\\|im_start\\|>"):
+def test_the_chat_format_comes_from_the_tokenizers_special_tokens(tmp_path, synthetic, minimind_tokenizer):
+    assert chat_format(load_tokenizer(minimind_tokenizer)) == CHATML
+    folder = minimind_like_tokenizer(tmp_path / "s", synthetic, specials=("<unk>", "<s>", "</s>"))
+    assert chat_format(load_tokenizer(folder)) == MINIMIND2   # MiniMind2's first tokenizer (2025-02)
+
+
+@pytest.mark.parametrize("specials, words", [
+    (("<pad>", "<bos>", "<eos>"), ["ChatML needs", "<|im_start|>", "MiniMind2 needs", "<unk>", "<s>", "</s>"]),
+    (("<bos>", "<|im_start|>", "<|im_end|>"), ["ChatML", "pad token <|endoftext|>"]),
+])
+def test_a_tokenizer_in_no_chat_format_we_know_is_one_line_naming_what_it_lacks(tmp_path, synthetic, specials, words):
+    folder = minimind_like_tokenizer(tmp_path / "odd", synthetic, specials=specials)
+    with pytest.raises(TokenizerError) as err:
         load_tokenizer(folder)
+    assert "\n" not in str(err.value) and str(folder) in str(err.value)
+    assert all(w in str(err.value) for w in words), err.value
 
 
 def save_minimind_pth(path, vocab_size, seed=0):
@@ -89,22 +104,30 @@ def parse(*flags):
     return build_parser("pretrain", 1e-3, 1, 4).parse_args(["--data_path=unused.jsonl", *flags])
 
 
-@pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_hf_lm(folder, architecture="llama"):
+    """A tiny transformers Llama (or Qwen3: per-head q/k norms) folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama") / "llama"
-    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True,
-                                 rope_theta=5e5, max_position_embeddings=256)).save_pretrained(folder)
+    config, model = (LlamaConfig, LlamaForCausalLM) if architecture == "llama" else (Qwen3Config, Qwen3ForCausalLM)
+    model(config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, rope_theta=5e5,
+                 max_position_embeddings=256)).save_pretrained(folder)
     return folder
 
 
-def test_from_lm_takes_the_lm_config_from_the_weights_and_the_rest_from_flags(llama_folder):
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    return save_hf_lm(tmp_path_factory.mktemp("llama") / "llama")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_from_lm_takes_the_lm_config_from_the_weights_and_the_rest_from_flags(tmp_path, architecture):
     from trainer.config import resolve_configs
-    lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(parse(f"--from_lm={llama_folder}", "--num_frames=6"))
+    folder = save_hf_lm(tmp_path / architecture, architecture)
+    lm_cfg, vis_cfg, weight_path, lm_state = resolve_configs(parse(f"--from_lm={folder}", "--num_frames=6"))
     assert (lm_cfg.hidden_size, lm_cfg.num_heads, lm_cfg.num_kv_heads, lm_cfg.rope_theta, lm_cfg.vocab_size) == \
         (32, 4, 2, 5e5, 128)
+    assert lm_cfg.qk_norm == (architecture == "qwen3") and ("layers.0.attn.q_norm.weight" in lm_state) == lm_cfg.qk_norm
     assert vis_cfg.num_frames == 6 and weight_path is None and set(lm_state) >= {"embed_tokens.weight"}
 
 

@@ -1,11 +1,12 @@
-"""The decoder LM: KV cache, batched generation, GQA, RMSNorm, tied embeddings, top-p sampling."""
+"""The decoder LM: KV cache, batched generation, GQA, RMSNorm, optional per-head q/k norm, tied embeddings, top-p
+sampling."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import LMConfig
+from model.config import LMConfig, config_from_dict, config_to_dict
 from model.lm import Attention, KVCache, LanguageModel, RMSNorm
 from model.vlm import sample_next
 
@@ -25,8 +26,9 @@ def generate_all(model, ids, mask=None, n=8):
     return torch.stack(list(model.generate(ids, mask, max_new_tokens=n)), dim=1)
 
 
-def test_kv_cache_prefill_then_steps_matches_full_forward(make_vlm):
-    lm = make_vlm().lm
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_kv_cache_prefill_then_steps_matches_full_forward(make_vlm, qk_norm):
+    lm = make_vlm(qk_norm=qk_norm).lm
     ids = torch.randint(4, 64, (2, 12))
     full = lm(lm.embed_tokens(ids))
     cache = KVCache(lm.cfg, 2, 12, "cpu", torch.float32)
@@ -44,8 +46,9 @@ def test_kv_cache_refuses_to_overflow(make_vlm):
         lm(lm.embed_tokens(torch.randint(4, 64, (1, 5))), cache=cache)
 
 
-def test_greedy_generation_continues_the_full_forward_argmax(make_vlm):
-    model = lively(make_vlm())
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_greedy_generation_continues_the_full_forward_argmax(make_vlm, qk_norm):
+    model = lively(make_vlm(qk_norm=qk_norm))
     ids = torch.randint(4, 64, (1, 6))
     tokens = generate_all(model, ids, n=6)[0]
     seq = ids[0].tolist()
@@ -111,6 +114,17 @@ def test_gqa_lm_has_fewer_kv_weights_and_full_size_logits():
     lm = LanguageModel(cfg)
     assert lm.layers[0].attn.v_proj.weight.shape == (8, 32)
     assert lm(lm.embed_tokens(torch.randint(0, 50, (3, 7)))).shape == (3, 7, 50)
+
+
+def test_qk_norm_is_off_unless_asked_so_configs_and_weights_from_before_it_load_unchanged():
+    saved_before = {k: v for k, v in config_to_dict(LMConfig()).items() if k != "qk_norm"}
+    assert not config_from_dict(LMConfig, saved_before).qk_norm
+    small = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    plain = LanguageModel(LMConfig(**small)).state_dict()
+    normed = LanguageModel(LMConfig(**small, qk_norm=True)).state_dict()
+    assert not any("q_norm" in k or "k_norm" in k for k in plain)
+    assert {k: tuple(v.shape) for k, v in normed.items() if k not in plain} == {
+        f"layers.{i}.attn.{n}_norm.weight": (8,) for i in range(2) for n in "qk"}   # one weight per head dim
 
 
 def test_heads_that_do_not_divide_are_rejected():

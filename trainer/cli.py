@@ -47,7 +47,8 @@ def add_weights_flags(p):
     a("--from_weight", default="", help="checkpoint to start from: a path, or a name in --out_dir")
     a("--from_lm", default="",
       help="start only the language model from these weights (the rest fresh): our .safetensors (an LM file "
-           "or a checkpoint's LM), a MiniMind .pth, or a Hugging Face Llama folder; the LM config comes from them")
+           "or a checkpoint's LM), a MiniMind .pth, or a Hugging Face Llama or Qwen3 folder; the LM config comes "
+           "from them")
     a("--tokenizer", default="model/tokenizer")
 
 

@@ -58,9 +58,8 @@ def configs_from_lm(args, lm_flags: dict, vis_flags: dict):
     """The LM's config (and state) from --from_lm's weights; the vision side from the flags."""
     if args.from_weight:
         raise TrainingError("--from_lm and --from_weight both given: pick one")
-    # A MiniMind .pth cannot tell its head count or RoPE base; the flags (or MiniMind2's values) do.
-    lm_cfg, lm_state = read_lm(args.from_lm, num_heads=lm_flags.get("num_heads", 8),
-                               rope_theta=lm_flags.get("rope_theta", 1e6))
+    # A MiniMind .pth cannot always tell its head count or RoPE base; the flags (or its generation's values) do.
+    lm_cfg, lm_state = read_lm(args.from_lm, num_heads=lm_flags.get("num_heads"), rope_theta=lm_flags.get("rope_theta"))
     adopt_flags(lm_cfg, lm_flags, args.from_lm, "the LM's", "weights")
     return lm_cfg, VisionConfig(**vis_flags), None, lm_state
 
