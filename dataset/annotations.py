@@ -1,5 +1,6 @@
-"""The annotation store: a jsonl file's rows as memory-mapped numpy arrays (byte span and line number of each
-record, a length hint, its media keys), built once per file and reused; each record is read and parsed on access.
+"""The annotation store: a jsonl file's (or a table's) rows as memory-mapped numpy arrays (byte span and line
+number of each record, a length hint, its media keys), built once per file version and reused; each record is
+read and parsed on access.
 
 Nothing per row lives in Python objects, so opening a million-row file costs a few arrays of pages mapped
 from disk, and DataLoader workers do not grow as Python touches refcounts (copy-on-read of a list of dicts).
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dataset.tables import is_table, table_files, write_records
 from model.atomic import atomic_write_dir
 
 FORMAT = 1   # bump when the arrays change: stores of another format are rebuilt
 KINDS = ("image", "video")
 NOT_AN_OBJECT = "line is not a JSON object"
+TABLE_TEXT = "records.jsonl"   # a parquet file's or dataset folder's rows, rendered in our schema
 
 
 def parse_line(raw: bytes):
@@ -28,12 +31,6 @@ def parse_line(raw: bytes):
     except json.JSONDecodeError as e:
         return f"malformed JSON ({e.msg})"
     return record if isinstance(record, dict) else NOT_AN_OBJECT
-
-
-def as_list(value):
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
 
 
 def size_hint(record: dict) -> int:
@@ -92,21 +89,35 @@ def is_blank(raw: bytes) -> bool:
 
 
 def file_stamp(path) -> dict:
-    """What identifies this version of the file: the store is rebuilt when any of it changes."""
-    st = os.stat(path)
-    return {"format": FORMAT, "source": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """What identifies this version of the file (or of a table folder's files): the store is rebuilt
+    when any of it changes."""
+    stats = [os.stat(f) for f in table_files(path)] if is_table(path) else [os.stat(path)]
+    return {"format": FORMAT, "source": str(Path(path).resolve()), "size": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0), "files": len(stats)}
 
 
-def build_store(path, folder: Path):
-    """Scan the jsonl once (streaming) and write its store to `folder`, atomically."""
-    stamp = file_stamp(path)
+def scan_jsonl(text_path) -> Columns:
+    """One streaming pass over the jsonl: a row per non-blank line."""
     columns, offset = Columns(), 0
-    with open(path, "rb") as f:
+    with open(text_path, "rb") as f:
         for number, raw in enumerate(f, 1):
             start, offset = offset, offset + len(raw)
             if not is_blank(raw):
                 columns.add(start, len(raw), number, parse_line(raw))
-    atomic_write_dir(folder, lambda tmp: columns.save(Path(tmp), stamp))
+    return columns
+
+
+def build_store(path, folder: Path):
+    """Write the store of a jsonl (or of a table: its rows rendered as jsonl into the store) to `folder`,
+    atomically."""
+    stamp = file_stamp(path)
+
+    def write(tmp):
+        text_path = Path(tmp) / TABLE_TEXT if is_table(path) else path
+        if is_table(path):
+            write_records(path, text_path)
+        scan_jsonl(text_path).save(Path(tmp), stamp)
+    atomic_write_dir(folder, write)
 
 
 def store_folder(path, cache_dir=None) -> Path:
@@ -129,7 +140,8 @@ def is_current(folder: Path, path) -> bool:
 
 class AnnotationStore:
     """The rows of one jsonl file: len(store), store.record(row) → (line number, record or error string),
-    store.hints (a length per row), store.media_keys(rows). Rows are the file's non-blank lines, in order."""
+    store.hints (a length per row), store.media_keys(rows). Rows are the file's non-blank lines, in order;
+    of a parquet file or dataset folder, its rows in order (numbered from 1, as lines are)."""
 
     def __init__(self, path, cache_dir=None):
         self.path, self.cache_dir = str(path), cache_dir
@@ -140,7 +152,7 @@ class AnnotationStore:
         self.spans, self.hints = load("spans"), load("hints")
         self.media_ends, self.media_ids = load("media_ends"), load("media_ids")
         self.keys, self.kinds = load("media_keys"), load("media_kinds")
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = os.open(self.folder / TABLE_TEXT if is_table(path) else self.path, os.O_RDONLY)
 
     def __len__(self):
         return len(self.hints)
@@ -152,7 +164,7 @@ class AnnotationStore:
         return line, parse_line(os.pread(self.fd, length, start))
 
     def media_ids_of(self, rows) -> np.ndarray:
-        """The media key ids named by the given rows (all rows when None)."""
+        """The media key ids named by the given (distinct) rows; all rows when None."""
         if rows is None or len(rows) == len(self):
             return np.asarray(self.media_ids)
         chosen = np.zeros(len(self), bool)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset.annotations import AnnotationStore, as_list, parse_line
+from dataset.annotations import AnnotationStore, parse_line
 from dataset.media import MediaError, read_clip
 from dataset.packing import packed_batch, packed_rows
 from dataset.metrics import PHRASINGS
@@ -31,6 +31,12 @@ class VisualInputs(NamedTuple):
     features: torch.Tensor = None
     frame_mask: torch.Tensor = None
     frame_times: torch.Tensor = None
+
+
+def as_list(value):
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def read_jsonl(path):
