@@ -85,6 +85,10 @@ def test_bad_lines_are_reported_with_file_and_line(messy):
     odd.write_text(json.dumps({"video": 5, "conversations": sample(0)["conversations"]}) + "\n")
     assert ConversationDataset(odd, chat=None, num_frames=4, max_len=64)[0]["error"] == \
         f"{odd}:1: 'video' must be a path or a list of paths, not int"
+    latin = messy.with_name("latin.jsonl")   # not UTF-8: one reported row, where the text-mode reader stopped
+    latin.write_bytes(json.dumps(sample(0)).encode() + b"\n" + '{"id": "caf\xe9"}'.encode("latin-1") + b"\n")
+    data = ConversationDataset(latin, chat=None, num_frames=4, max_len=64)
+    assert len(data) == 2 and data[1]["error"] == f"{latin}:2: line is not UTF-8 text"
 
 
 def test_store_is_reused_while_the_file_is_unchanged_and_rebuilt_when_it_changes(tmp_path, monkeypatch):
