@@ -25,7 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--video", default=None)
     p.add_argument("--image", default=None)
     p.add_argument("--prompt", default=None, help="answer this once and exit (no interactive chat)")
-    p.add_argument("--data_path", default=None, help="batch mode: jsonl whose last assistant turn is the reference")
+    p.add_argument("--data_path", default=None, help="batch mode: jsonl (or .parquet, or a save_to_disk folder) whose last assistant turn is the reference")
     p.add_argument("--media_root", default=None)
     p.add_argument("--feature_dir", default=None, help="feature cache folder ('none' disables)")
     p.add_argument("--out", default=None, help="batch mode: predictions jsonl")

@@ -5,9 +5,11 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dataset.annotations import AnnotationStore, parse_line
 from dataset.media import MediaError, read_clip
 from dataset.packing import packed_batch, packed_rows
 from dataset.metrics import PHRASINGS
@@ -38,17 +40,13 @@ def as_list(value):
 
 
 def read_jsonl(path):
-    """→ list of (line number, record or an error string for a malformed line)."""
+    """→ list of (line number, record or an error string for a malformed line): for one-pass scripts
+    (converters, cleaning); the datasets read through the annotation store instead."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                rows.append((n, record if isinstance(record, dict) else "line is not a JSON object"))
-            except json.JSONDecodeError as e:
-                rows.append((n, f"malformed JSON ({e.msg})"))
+            if line.strip():
+                rows.append((n, parse_line(line.encode("utf-8"))))
     return rows
 
 
@@ -82,7 +80,8 @@ class ConversationDataset(Dataset):
                  cache=None, preprocess=None, for_generation=False, strict=False, fps=None, need_times=False,
                  slot_counts=None):
         self.path = str(jsonl_path)
-        self.rows = read_jsonl(jsonl_path)
+        self.store = AnnotationStore(jsonl_path)   # memory-mapped, built once per version of the file
+        self.rows = np.arange(len(self.store))     # the store rows this dataset holds (a hold-out keeps some)
         self.chat, self.num_frames, self.max_len = chat, num_frames, max_len
         self.fps = fps   # None: uniform frame sampling; else frames a second (dataset/media.py)
         self.media_root = Path(media_root) if media_root else Path(jsonl_path).parent
@@ -96,27 +95,18 @@ class ConversationDataset(Dataset):
         return len(self.rows)
 
     def media_keys(self) -> set:
-        return {key for _, record in self.rows if isinstance(record, dict)
-                for kind in ("image", "video") for key in as_list(record.get(kind))}
+        return self.store.media_keys(self.rows)
 
-    def size_hints(self) -> list:
+    def size_hints(self) -> np.ndarray:
         """A cheap length per sample (characters of its turns + 32 per media item), for batching alike lengths."""
-        hints = []
-        for _, record in self.rows:
-            if not isinstance(record, dict):
-                hints.append(0)
-                continue
-            turns = record.get("conversations") if isinstance(record.get("conversations"), list) else []
-            text = sum(len(t.get("content", "")) for t in turns if isinstance(t, dict) and isinstance(t.get("content"), str))
-            hints.append(text + 32 * sum(len(as_list(record.get(k))) for k in ("image", "video")))
-        return hints
+        return self.store.hints[self.rows]
 
     def uncached(self) -> set:
         """Media whose features must be computed online (not in the feature cache)."""
         return {k for k in self.media_keys() if self.cache is None or k not in self.cache}
 
     def __getitem__(self, i):
-        line, record = self.rows[i]
+        line, record = self.store.record(self.rows[i])
         try:
             if isinstance(record, str):
                 raise BadSample(record)

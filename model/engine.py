@@ -298,7 +298,7 @@ class Engine:
 
     def _data_loader(self, data_path, batch_size, media_root, feature_dir, strict):
         """(DataLoader of left-padded batches, the encoder when some media is not in the feature cache)."""
-        if not Path(data_path).is_file():
+        if not Path(data_path).exists():   # a jsonl or parquet file, or a dataset folder
             raise EngineError(f"{data_path}: no such file")
         cfg = self.model.vision_cfg
         data_dir = Path(media_root) if media_root else Path(data_path).parent

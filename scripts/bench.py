@@ -2,8 +2,9 @@
 the obvious alternatives, measured in one run as ratios (ours ÷ theirs in speed: higher is better);
 prints a table and writes out/bench.json.
 
-    python scripts/bench.py                      # every CPU section (~20 min on 2 cores); CUDA section when a GPU is present
+    python scripts/bench.py                      # every CPU section (~24 min on 2 cores); CUDA section when a GPU is present
     python scripts/bench.py --only lm,decode     # some sections (merged into an existing out/bench.json)
+    python scripts/bench.py --only data          # a 1M-row annotation file: memory and time to open and read it (~5 min)
     python scripts/bench.py --only serve         # the OpenAI server: 8 clients batched vs one at a time, memory under load (~1 min)
     python scripts/bench.py --run_demo           # also run scripts/demo.sh (~8 min) for demo_wall_s / demo_peak_rss_gb
 
@@ -43,7 +44,7 @@ from model.engine import SamplingOptions, generate_tokens
 from model.vlm import VideoLLM
 from trainer.optim import make_optimizer
 
-SECTIONS = ("lm", "sft", "decode", "eval", "frames", "cache", "serve", "demo", "gpu")
+SECTIONS = ("lm", "sft", "decode", "eval", "frames", "cache", "data", "serve", "demo", "gpu")
 # LM shapes (heads, KV heads and vocabulary as MiniMind2); SwiGLU width by the trainer's rule.
 SHAPES = {
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, vocab_size=1024),  # the demo LM's width, 4 layers
@@ -55,7 +56,8 @@ GOALS = [("train_vs_hf", ">=", 1.3), ("sft_epoch_vs_hf_padded", ">=", 1.5), ("de
          ("decode_vs_hf_26M", ">=", 1.3), ("frames_vs_decode_all", ">=", 10.0),
          ("cached_vs_online", ">=", 10.0), ("serve_batched_vs_sequential", ">=", 3.0),
          ("serve_batched_vs_sequential_text", ">=", 3.0), ("serve_rss_ratio", "<=", 1.5),
-         ("demo_wall_s", "<=", 600.0), ("demo_peak_rss_gb", "<=", 4.0),
+         ("data_rss_mb_per_1m_rows", "<=", 150.0), ("data_worker_growth_mb", "<=", 50.0),
+         ("data_worker_private_growth_mb", "<=", 50.0), ("demo_wall_s", "<=", 600.0), ("demo_peak_rss_gb", "<=", 4.0),
          ("gpu_mfu_104M", ">=", 0.35)]
 # Dense bf16 peak of known GPUs (FLOP/s, from their data sheets); others use a measured matmul peak.
 GPU_PEAKS = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -764,6 +766,7 @@ def parse_args(argv=None):
     p.add_argument("--cache_rounds", type=int, default=2, help="training-run pairs (cached, online)")
     p.add_argument("--cache_steps", type=int, default=6, help="optimizer steps per training run")
     p.add_argument("--serve_rounds", type=int, default=5, help="alternating rounds of 8 clients (batched, one at a time)")
+    p.add_argument("--data_rows", type=int, default=1_000_000, help="rows of the data section's annotation file")
     p.add_argument("--video_seconds", type=int, default=60)
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for both sides (0: torch's default); training runs get OMP_NUM_THREADS")
@@ -845,6 +848,24 @@ def eval_section(args, device, workdir):
     return scoring, dict(eval_answers_s=scoring["answers_s"])
 
 
+def data_section(args, device, workdir):
+    from bench_data import bench_data
+    log(f"data: a {args.data_rows:,}-row annotation file, the annotation store vs the whole-file jsonl parse ...")
+    data = bench_data(args.data_rows, workdir)
+    store, jsonl, per_1m = data["store"], data["jsonl"], 1e6 / args.data_rows
+    return data, dict(
+        data_rss_mb_per_1m_rows=round(store["rss_added_mb"] * per_1m, 1),
+        data_open_s_per_1m_rows=round(store["open_s"] * per_1m, 3),
+        data_worker_growth_mb=max(store["worker_growth_mb"]),
+        data_worker_private_growth_mb=max(store["worker_private_growth_mb"]),
+        data_samples_s=store["samples_s"], data_build_s_per_1m_rows=round(data["store_build_s"] * per_1m, 1),
+        data_rss_mb_per_1m_rows_jsonl=round(jsonl["rss_added_mb"] * per_1m, 1),
+        data_open_s_per_1m_rows_jsonl=round(jsonl["open_s"] * per_1m, 3),
+        data_worker_growth_mb_jsonl=max(jsonl["worker_growth_mb"]),
+        data_worker_private_growth_mb_jsonl=max(jsonl["worker_private_growth_mb"]),
+        data_samples_s_jsonl=jsonl["samples_s"])
+
+
 def serve_section(args, device, workdir):
     log(f"serve: {SERVE_CLIENTS} concurrent clients, batched vs one at a time; memory under {SERVE_LOAD} requests ...")
     serve = bench_serve(args.serve_rounds, args.threads)
@@ -877,7 +898,7 @@ def gpu_section(args, device, workdir):
 
 # Each section: (args, CPU device, scratch folder) → (its details, the values it adds to the table).
 SECTION_RUNS = {"lm": lm_section, "sft": sft_section, "decode": decode_section, "eval": eval_section, "frames": frames_section, "cache": cache_section,
-                "serve": serve_section, "demo": demo_section, "gpu": gpu_section}
+                "data": data_section, "serve": serve_section, "demo": demo_section, "gpu": gpu_section}
 
 
 def chosen_sections(only: str) -> list:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.features import FeatureCache, FeatureWriter, cache_folder, merge_manifests
 from dataset.media import SAMPLING_MODES, MediaError, read_clip, sampling_rate
-from dataset.vlm_dataset import as_list, read_jsonl
+from dataset.annotations import AnnotationStore
 from model.config import VisionConfig
 from model.vision import FrameEncoder
 
@@ -43,11 +43,8 @@ def collect_media(jsonl_paths):
     """Unique (kind, path) pairs in file order."""
     seen = {}
     for path in jsonl_paths:
-        for _, record in read_jsonl(path):
-            if isinstance(record, dict):
-                for kind in ("image", "video"):
-                    for key in as_list(record.get(kind)):
-                        seen.setdefault(key, kind)
+        for kind, key in AnnotationStore(path).media_table():   # the store training then reuses
+            seen.setdefault(key, kind)
     return [(kind, key) for key, kind in seen.items()]
 
 

@@ -33,9 +33,9 @@ def build_parser(stage: str, lr: float, epochs: int, batch_size: int) -> argpars
 def add_data_flags(p):
     """What the run trains and validates on."""
     a = p.add_argument
-    a("--data_path", required=True, help="jsonl, one sample per line (docs/data-format.md)")
+    a("--data_path", required=True, help="jsonl, one sample per line; or a .parquet file or a save_to_disk dataset folder (docs/data-format.md)")
     a("--media_root", default=None, help="folder media paths are relative to (default: the jsonl's folder)")
-    a("--val_path", default=None, help="validation jsonl (default: hold out --val_samples training rows)")
+    a("--val_path", default=None, help="validation jsonl, .parquet or dataset folder (default: hold out --val_samples training rows)")
     a("--val_samples", type=int, default=64)
     a("--val_every", type=int, default=100, help="optimizer steps between validations (0: never)")
 

@@ -29,10 +29,7 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
         val = ConversationDataset(args.val_path, **common)
     else:   # a seeded hold-out from the training rows
         val = ConversationDataset(args.data_path, **common)
-        order = np.random.default_rng(args.seed).permutation(len(train.rows))
-        held = set(order[:min(args.val_samples, len(train.rows) // 10)].tolist())
-        val.rows = [r for i, r in enumerate(train.rows) if i in held]
-        train.rows = [r for i, r in enumerate(train.rows) if i not in held]
+        train.rows, val.rows = hold_out(train.rows, args.seed, args.val_samples)
     keys = train.media_keys() | val.media_keys()
     missing = train.uncached() | val.uncached()
     encoder = None
@@ -48,6 +45,14 @@ def make_datasets(args, cfg: VisionConfig, chat, device, rank, fresh: bool):
     elif dim != cfg.clip_dim:
         raise TrainingError(f"the checkpoint expects {cfg.clip_dim}-d CLIP features, the encoder/cache gives {dim}")
     return train, val, encoder
+
+
+def hold_out(rows: np.ndarray, seed: int, val_samples: int) -> tuple:
+    """(training rows, validation rows), each in file order: a seeded tenth at most, val_samples at most."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    held = np.zeros(len(rows), bool)
+    held[order[:min(val_samples, len(rows) // 10)]] = True
+    return rows[~held], rows[held]
 
 
 def fit_feature_stats(model, dataset, encoder, seed, max_items=256):
