@@ -26,12 +26,15 @@ def build_lm(cfg, state) -> LanguageModel:
 
 # ---------------------------------------------------------------- an independent MiniMind reference
 
+def weight_drawer(seed, dtype):
+    """w(*shape, std) → seeded normal weights in dtype (fp16: as MiniMind's trainers save them)."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda *shape, std=0.3: (torch.randn(*shape, generator=g) * std).to(dtype)
+
+
 def minimind_state(seed=0, dtype=torch.float16, vocab=VOCAB) -> dict:
     """Random weights under MiniMind2 model.py's names; output.weight is tokens' embedding (tied)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape, std=0.3):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
+    w = weight_drawer(seed, dtype)
     head_dim = DIM // HEADS
     sd = {"tok_embeddings.weight": w(vocab, DIM, std=1.0), "norm.weight": 1 + w(DIM, std=0.1)}
     for i in range(LAYERS):
@@ -81,10 +84,7 @@ def minimind_logits(sd: dict, ids):
 def minimind3_state(seed=0, dtype=torch.float16, vocab=VOCAB) -> dict:
     """Random weights under minimind-3 model_minimind.py's names, per-head q/k norm weights away from 1;
     lm_head.weight is the embedding (tied)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape, std=0.3):
-        return (torch.randn(*shape, generator=g) * std).to(dtype)
+    w = weight_drawer(seed, dtype)
     head_dim = DIM // HEADS
     sd = {"model.embed_tokens.weight": w(vocab, DIM, std=1.0), "model.norm.weight": 1 + w(DIM, std=0.1)}
     for i in range(LAYERS):
@@ -299,17 +299,6 @@ def random_llama(seed=0, **overrides):
     return model
 
 
-def test_a_saved_llama_loads_into_ours_with_the_same_logits(tmp_path):
-    hf = random_llama()
-    hf.save_pretrained(tmp_path / "llama")
-    cfg, state = read_hf_folder(tmp_path / "llama")
-    with torch.no_grad():
-        expected = hf(IDS).logits
-    diff = (our_logits(build_lm(cfg, state), IDS) - expected).abs().max().item()
-    print(f"HF → ours: max |Δlogits| = {diff:.3g}")
-    assert diff < 1e-4 and cfg.max_seq_len == 128
-
-
 @pytest.mark.parametrize("overrides, words", [
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
@@ -344,15 +333,16 @@ def random_qwen3(seed=0, **overrides):
     return model
 
 
-def test_a_saved_qwen3_loads_into_ours_with_the_same_logits(tmp_path):
-    hf = random_qwen3()
-    hf.save_pretrained(tmp_path / "qwen3")
-    cfg, state = read_hf_folder(tmp_path / "qwen3")
+@pytest.mark.parametrize("make, qk_norm, eps", [(random_llama, False, EPS), (random_qwen3, True, EPS3)])
+def test_a_saved_hf_folder_loads_into_ours_with_the_same_logits(tmp_path, make, qk_norm, eps):
+    hf = make()
+    hf.save_pretrained(tmp_path / "hf")
+    cfg, state = read_hf_folder(tmp_path / "hf")
     with torch.no_grad():
         expected = hf(IDS).logits
     diff = (our_logits(build_lm(cfg, state), IDS) - expected).abs().max().item()
-    print(f"HF Qwen3 → ours: max |Δlogits| = {diff:.3g}")
-    assert diff < 1e-4 and cfg.qk_norm and cfg.norm_eps == EPS3
+    print(f"HF {type(hf).__name__} → ours: max |Δlogits| = {diff:.3g}")
+    assert diff < 1e-4 and cfg.max_seq_len == 128 and cfg.qk_norm == qk_norm and cfg.norm_eps == eps
 
 
 @pytest.mark.parametrize("overrides, words", [
