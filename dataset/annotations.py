@@ -5,10 +5,12 @@ read and parsed on access.
 Nothing per row lives in Python objects, so opening a million-row file costs a few arrays of pages mapped
 from disk, and DataLoader workers do not grow as Python touches refcounts (copy-on-read of a list of dicts).
 """
+import fcntl
 import hashlib
 import json
 import os
 from array import array
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +140,18 @@ def is_current(folder: Path, path) -> bool:
     return all(meta.get(k) == v for k, v in file_stamp(path).items() if k != "source")
 
 
+@contextmanager
+def build_lock(folder: Path):
+    """An exclusive lock beside the store folder (flock: released when the holder exits or dies)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class AnnotationStore:
     """The rows of one jsonl file: len(store), store.record(row) → (line number, record or error string),
     store.hints (a length per row), store.media_keys(rows). Rows are the file's non-blank lines, in order;
@@ -146,8 +160,9 @@ class AnnotationStore:
     def __init__(self, path, cache_dir=None):
         self.path, self.cache_dir = str(path), cache_dir
         self.folder = store_folder(path, cache_dir)
-        if not is_current(self.folder, path):
-            build_store(path, self.folder)
+        with build_lock(self.folder):   # DDP ranks opening a new file at once: one builds, the others wait
+            if not is_current(self.folder, path):
+                build_store(path, self.folder)
         load = lambda name: np.load(self.folder / f"{name}.npy", mmap_mode="r")
         self.spans, self.hints = load("spans"), load("hints")
         self.media_ends, self.media_ids = load("media_ends"), load("media_ids")

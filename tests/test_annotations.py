@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import dataset.annotations as annotations
+from conftest import ROOT
 from dataset.annotations import AnnotationStore, store_folder
 from dataset.vlm_dataset import ConversationDataset
 from trainer.data import hold_out
@@ -158,3 +159,16 @@ def test_hold_out_picks_the_records_the_old_list_split_picked(tmp_path):
         assert data.size_hints().tolist() == old_size_hints(old_val)
         assert data.media_keys() == {r["video"] for _, r in old_val}
         data.rows = np.arange(len(data.store))
+
+
+
+def test_processes_opening_a_new_file_at_once_build_its_store_once(tmp_path):
+    import subprocess, sys
+    data = write_rows(tmp_path / "data.jsonl", 2000)
+    code = ("import sys; from dataset.annotations import AnnotationStore; s = AnnotationStore(sys.argv[1]); "
+            "print(len(s), s.record(1999)[0])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(data)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in results]
+    assert [out.split() for out, _ in results] == [["2000", "2000"]] * 4
