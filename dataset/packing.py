@@ -53,3 +53,8 @@ def packed_batch(items: list, rows: list, pad_id: int) -> dict:
             start += n
     return {"input_ids": ids, "labels": labels, "attention_mask": segments > 0, "position_ids": positions,
             "segments": segments, "media": [m for row in rows for i in row for m in items[i]["media"]]}
+
+
+def packing_inputs(batch: dict, device="cpu") -> dict:
+    """The model's extra keyword inputs for a batch: position_ids and segments when it was packed, else none."""
+    return {k: batch[k].to(device) for k in ("position_ids", "segments") if k in batch}

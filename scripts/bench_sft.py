@@ -14,6 +14,7 @@ import time
 import numpy as np
 import torch
 
+from dataset.packing import packing_inputs
 from dataset.vlm_dataset import collate
 from model.chat import IGNORE
 
@@ -89,8 +90,7 @@ def our_epoch(model, optimizer, batches, device) -> dict:
     start = time.perf_counter()
     for items in batches:
         batch = collate(items, pad_id=0, pack=True)
-        extra = {k: batch[k].to(device) for k in ("position_ids", "segments") if k in batch}
-        loss, count = model(batch["input_ids"].to(device), batch["labels"].to(device), **extra)
+        loss, count = model(batch["input_ids"].to(device), batch["labels"].to(device), **packing_inputs(batch, device))
         (loss / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -98,12 +98,17 @@ def our_epoch(model, optimizer, batches, device) -> dict:
     return {"seconds": time.perf_counter() - start, "slots": slots, "tokens": real}
 
 
+def padded_batch(collator, items) -> dict:
+    """The items as transformers' collator pads them (it takes lists of ids, not tensors)."""
+    return collator([{"input_ids": it["input_ids"].tolist(), "labels": it["labels"].tolist()} for it in items])
+
+
 def hf_epoch(model, optimizer, batches, collator, device) -> dict:
     """One epoch of LlamaForCausalLM on the collator's padded batches (its loss: mean over labelled tokens)."""
     slots = real = 0
     start = time.perf_counter()
     for items in batches:
-        batch = collator([{"input_ids": it["input_ids"].tolist(), "labels": it["labels"].tolist()} for it in items])
+        batch = padded_batch(collator, items)
         out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                     labels=batch["labels"].to(device))
         out.loss.backward()
@@ -117,9 +122,7 @@ def first_batch_loss_gap(ours, hf, batches, collator, device) -> float:
     """|our packed loss − transformers' padded loss| on the first batch, same weights: the same tokens of loss."""
     with torch.no_grad():
         batch = collate(batches[0], pad_id=0, pack=True)
-        extra = {k: batch[k].to(device) for k in ("position_ids", "segments") if k in batch}
-        loss, count = ours(batch["input_ids"].to(device), batch["labels"].to(device), **extra)
-        padded = collator([{"input_ids": it["input_ids"].tolist(), "labels": it["labels"].tolist()}
-                           for it in batches[0]])
+        loss, count = ours(batch["input_ids"].to(device), batch["labels"].to(device), **packing_inputs(batch, device))
+        padded = padded_batch(collator, batches[0])
         theirs = hf(**{k: v.to(device) for k, v in padded.items()}).loss
     return abs(float(loss / count) - float(theirs))

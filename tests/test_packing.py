@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import read_log, tiny_vlm
-from dataset.packing import first_fit_decreasing
+from dataset.packing import first_fit_decreasing, packing_inputs
 from dataset.vlm_dataset import MediaEntry, collate, visual_inputs
 
 VISION = 3   # tiny_vlm's slot token id
@@ -27,8 +27,7 @@ ITEMS = [conversation(n, m, s) for s, (n, m) in enumerate([(40, 1), (9, 0), (17,
 
 def loss_and_grads(model, batch):
     model.zero_grad()
-    extra = {k: batch[k] for k in ("position_ids", "segments") if k in batch}
-    loss, count = model(batch["input_ids"], batch["labels"], *visual_inputs(batch["media"]), **extra)
+    loss, count = model(batch["input_ids"], batch["labels"], *visual_inputs(batch["media"]), **packing_inputs(batch))
     loss.backward()
     return float(loss.detach()), int(count), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

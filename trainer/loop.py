@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dataset.packing import packing_inputs
 from dataset.vlm_dataset import collate, visual_inputs
 from model.chat import ChatEncoder, load_tokenizer
 from model.atomic import atomic_write, remove_stale_temps
@@ -216,7 +217,7 @@ class Trainer:
         """Summed token loss and token count of one micro-batch (in training, through DDP if any)."""
         visual = visual_inputs(batch["media"], self.encoder, self.device)
         net = (self.ddp if training else None) or self.model
-        packing = {k: batch[k].to(self.device) for k in ("position_ids", "segments") if k in batch}
+        packing = packing_inputs(batch, self.device)
         with self.autocast:
             loss, count = net(batch["input_ids"].to(self.device), batch["labels"].to(self.device), *visual, **packing)
         if visual.features is None and net is self.ddp:
