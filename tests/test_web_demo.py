@@ -46,11 +46,12 @@ def eval_answer(checkpoint, video, question=QUESTION) -> str:
 
 
 def several_word_answer(checkpoint, synthetic):
-    """(test video, question, eval.py's answer) for the first test video: a sentence of many tokens from
-    the caption-trained checkpoint, so the stream has partial states to see."""
-    video = sorted((synthetic / "videos").glob("t*.mp4"))[0]
-    answer = eval_answer(checkpoint, video)
-    assert len(answer.split()) >= 3, answer
+    """(test video, question, eval.py's answer) for the test video the caption-trained checkpoint answers at
+    greatest length: a sentence of many tokens, so the stream has partial states to see. (Its answers'
+    lengths move a little with the machine's numerics, as test_serve's `cases` also allows for.)"""
+    answers = [(video, eval_answer(checkpoint, video)) for video in sorted((synthetic / "videos").glob("t*.mp4"))]
+    video, answer = max(answers, key=lambda pair: len(pair[1].split()))
+    assert len(answer.split()) >= 3, answers
     return video, QUESTION, answer
 
 
