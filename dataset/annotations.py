@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset.tables import is_table, table_files, write_records
+from dataset.embedded_images import images_folder
+from dataset.tables import UNREADABLE, is_table, table_files, write_records
 from model.atomic import atomic_write_dir
 
 FORMAT = 1   # bump when the arrays change: stores of another format are rebuilt
@@ -32,6 +33,8 @@ def parse_line(raw: bytes):
         return "line is not UTF-8 text"
     except json.JSONDecodeError as e:
         return f"malformed JSON ({e.msg})"
+    if isinstance(record, str) and record.startswith(UNREADABLE):   # a table's row, rendered by dataset/tables.py
+        return record[len(UNREADABLE):]
     return record if isinstance(record, dict) else NOT_AN_OBJECT
 
 
@@ -116,10 +119,20 @@ def build_store(path, folder: Path):
 
     def write(tmp):
         text_path = Path(tmp) / TABLE_TEXT if is_table(path) else path
+        meta = dict(stamp)
         if is_table(path):
-            write_records(path, text_path)
-        scan_jsonl(text_path).save(Path(tmp), stamp)
+            images = image_folder(path, folder)
+            if write_records(path, text_path, images):
+                meta["image_dir"] = str(images)   # removed later: the store is rebuilt, the images written again
+        scan_jsonl(text_path).save(Path(tmp), meta)
     atomic_write_dir(folder, write)
+
+
+def image_folder(path, folder: Path) -> Path:
+    """Where a table's embedded images go: beside it, or beside its store when its folder is not writable."""
+    if os.access(Path(path).resolve().parent, os.W_OK):
+        return images_folder(path)
+    return folder.with_name(folder.name.removesuffix(".store") + "_images")
 
 
 def store_folder(path, cache_dir=None) -> Path:
@@ -136,6 +149,8 @@ def is_current(folder: Path, path) -> bool:
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
+        return False
+    if "image_dir" in meta and not Path(meta["image_dir"]).is_dir():
         return False
     return all(meta.get(k) == v for k, v in file_stamp(path).items() if k != "source")
 

@@ -17,7 +17,9 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from dataset.embedded_images import BadImageBytes, byte_list, save_image
 from dataset.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from dataset.tables import TableError, is_table, record_batches
 from dataset.timespan import format_span
 from dataset.vlm_dataset import media_pools, read_jsonl
 from model.chat import MEDIA_MARKER, BadSample, check_turns, marker_kinds
@@ -57,6 +59,7 @@ class Options:
     msvd_mapping: dict | None = None   # MSVD-QA: "vid1" → YouTube clip name (youtube_mapping.txt)
     nextqa_mapping: dict | None = None  # NExT-QA: video id → "<folder>/<video id>" (map_vid_vidorID.json)
     id_prefix: str = ""                # ids for records without one: <prefix>_<index> (default: input file stem)
+    image_dir: str | None = None       # MiniMind-V parquet: where its embedded images are written (by content)
 
     def place(self, path: str) -> str:
         """A source media path → ours: relative to out_dir when media_root is given, else kept as it is."""
@@ -89,12 +92,25 @@ def read_source(path, fmt=None):
     """Yield (where, record or an error string) from the source file, read the way `fmt` publishes it
     (READERS; by default a JSON list file or a jsonl file)."""
     path = str(path)
+    if is_table(path) and os.path.exists(path):
+        yield from read_table_rows(path)
+        return
     if not os.path.isfile(path):
         raise SourceError(f"{path}: no such file")
     try:
         yield from READERS.get(fmt, read_json_records)(path)
     except UnicodeDecodeError:
         raise SourceError(f"{path}: not UTF-8 text") from None
+
+
+def read_table_rows(path):
+    """A parquet file's (or save_to_disk folder's) rows as they are, numbered from 1."""
+    try:
+        rows = (row for batch in record_batches(path) for row in batch)
+        for n, row in enumerate(rows, 1):
+            yield f"{path}:row {n}", row
+    except TableError as e:
+        raise SourceError(str(e)) from None
 
 
 def read_json_records(path):
@@ -365,12 +381,18 @@ def from_msvd_qa(record, index, opts: Options) -> dict:
 
 
 def from_minimind(record, index, opts: Options) -> dict:
-    """MiniMind-V / Cinego jsonl: {"conversations": [{"role", "content"}], "image": "a.jpg" or "a.jpg, b.jpg"}.
+    """MiniMind-V / Cinego: {"conversations": [{"role", "content"}], "image": "a.jpg" or "a.jpg, b.jpg"} (jsonl),
+    or MiniMind-V's parquet rows {"conversations": a JSON string, "image_bytes": one image or a list}.
     Cinego puts a video path in "image"; each item's kind comes from its file suffix."""
-    turns = read_turns(record.get("conversations"))
+    turns = read_turns(json_turns(record.get("conversations")))
     for turn in turns:
         if turn["role"] == "user":
             turn["content"] = EXPANDED_PLACEHOLDER.sub("<image>", turn["content"])
+    record_id = str(record.get("id", f"{opts.id_prefix}_{index}"))
+    if record.get("image_bytes") is not None:
+        media = embedded_images(record["image_bytes"], turns, opts)
+        # their paths are already relative to out_dir: media_root=out_dir keeps them as they are
+        return build(record_id, turns, media, replace(opts, media_root=opts.out_dir), category=record.get("category"))
     value = record.get("image")
     names = [n.strip() for n in value.split(",")] if isinstance(value, str) else path_list(value, "image")
     media = []
@@ -379,8 +401,32 @@ def from_minimind(record, index, opts: Options) -> dict:
         if suffix not in VIDEO_SUFFIXES | IMAGE_SUFFIXES or not name:
             raise Skip("unknown_media_type", f"cannot tell whether {name!r} is an image or a video")
         media.append(("video" if suffix in VIDEO_SUFFIXES else "image", name))
-    return build(str(record.get("id", f"{opts.id_prefix}_{index}")), turns, media, opts,
-                 category=record.get("category"))
+    return build(record_id, turns, media, opts, category=record.get("category"))
+
+
+def json_turns(conversations):
+    """MiniMind-V's parquet holds the turns as a JSON string."""
+    if not isinstance(conversations, str):
+        return conversations
+    try:
+        return json.loads(conversations)
+    except json.JSONDecodeError as e:
+        raise Skip("bad_conversation", f"'conversations' is not valid JSON ({e.msg})") from None
+
+
+def embedded_images(value, turns, opts: Options) -> list:
+    """[("image", path relative to out_dir)] for a row's image bytes, each written once under opts.image_dir.
+    A row whose text has no marker is a text-only turn: MiniMind-V fills its image column with a small black
+    placeholder that its model never reads, so none is kept."""
+    if not marker_kinds(turns):
+        return []
+    if opts.image_dir is None:
+        raise ValueError("Options.image_dir is needed to write embedded images")
+    try:
+        paths = [save_image(data, opts.image_dir) for data in byte_list(value)]
+    except BadImageBytes as e:
+        raise Skip("bad_image", str(e)) from None
+    return [("image", Path(os.path.relpath(p, opts.out_dir)).as_posix()) for p in paths]
 
 
 # ---------------------------------------------------------------- temporal formats

@@ -12,6 +12,7 @@ FIELDS = ("id", "video", "image", "conversations", "category", "subset", "refere
 ALIASES = {"messages": "conversations"}   # OpenAI-style message lists
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 BATCH_ROWS = 1024
+UNREADABLE = "unreadable row: "   # prefix of the JSON string that stands for a row that gives no record
 
 
 class TableError(BadSample):
@@ -82,18 +83,30 @@ def record_batches(path):
         raise TableError(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
 
 
-def write_records(path, out_path):
+def write_records(path, out_path, image_dir=None):
     """Render the table's rows as jsonl lines of our schema, one per row (a row that cannot be rendered
-    becomes a null line, reported as no JSON object when read)."""
+    becomes a line naming why, reported as that row's error when read). MiniMind-V's rows (an
+    "image_bytes" column) go through its converter, their images written once under image_dir.
+    Returns whether the table has such a column."""
+    rows = (row for batch in record_batches(path) for row in batch)
+    embedded = False
     with open(out_path, "w", encoding="utf-8") as out:
-        for rows in record_batches(path):
-            out.writelines(render(row) + "\n" for row in rows)
+        for index, row in enumerate(rows):
+            embedded = embedded or "image_bytes" in row
+            out.write(render(row, index, path, image_dir) + "\n")
         out.flush()
         os.fsync(out.fileno())
+    return embedded
 
 
-def render(row: dict) -> str:
+def render(row: dict, index: int, path, image_dir) -> str:
+    from dataset.converters import Options, Skip, from_minimind   # converters reads tables too
     try:
-        return json.dumps(to_record(row), ensure_ascii=False)
+        if "image_bytes" not in row:
+            return json.dumps(to_record(row), ensure_ascii=False)
+        opts = Options(out_dir=str(Path(path).parent), image_dir=str(image_dir), id_prefix=Path(path).stem)
+        return json.dumps(from_minimind(row, index, opts), ensure_ascii=False)
+    except Skip as e:
+        return json.dumps(UNREADABLE + str(e))
     except (TypeError, ValueError):   # e.g. bytes or dates in a known column
-        return "null"
+        return json.dumps(UNREADABLE + "a column holds a value that is not JSON (bytes, a date)")

@@ -22,8 +22,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--format", required=True, choices=sorted(FORMATS))
     p.add_argument("--input", required=True,
-                   help="the source annotation file: a .json list or .jsonl; charades-sta: its .txt, "
-                        "activitynet-captions: its .json object, nextqa: its .csv")
+                   help="the source annotation file: a .json list or .jsonl (or a .parquet file / save_to_disk "
+                        "folder of such records: MiniMind-V's pretrain_i2t.parquet, sft_i2t.parquet); "
+                        "charades-sta: its .txt, activitynet-captions: its .json object, nextqa: its .csv")
     p.add_argument("--out", required=True, help="output jsonl")
     p.add_argument("--media_root", default=None,
                    help="folder the source's media paths or ids are relative to; paths are then written "
@@ -41,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--caption_prompt", default=DEFAULT_CAPTION_PROMPT, help="sharegpt4video: the user turn")
     p.add_argument("--keyframe_turn", action="store_true",
                    help="sharegpt4video: add the keyframe captions, in order, as a second turn")
+    p.add_argument("--image_dir", default=None,
+                   help="minimind-v parquet: folder its embedded images are written to, once each, named by "
+                        "content (default: <folder of --out>/<input name>_images, where training on the parquet "
+                        "directly puts them too)")
     p.add_argument("--strict", action="store_true", help="stop at the first record that cannot be converted")
     p.add_argument("--max_warnings", type=int, default=50, help="print at most this many skip warnings")
     args = p.parse_args(argv)
@@ -62,6 +67,7 @@ def run(args) -> Counter:
     opts = Options(out_dir=str(out.parent), media_root=args.media_root, video_ext=args.video_ext,
                    category=args.category, category_from_question=args.category_from_question,
                    caption_prompt=args.caption_prompt, keyframe_turn=args.keyframe_turn,
+                   image_dir=args.image_dir or str(out.parent / f"{Path(args.input).stem}_images"),
                    msvd_mapping=read_msvd_mapping(args.mapping) if args.mapping else None,
                    nextqa_mapping=read_nextqa_mapping(args.video_map) if args.video_map else None)
     counts = Counter()

@@ -15,6 +15,7 @@ import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.features import FeatureCache, FeatureWriter, cache_folder, merge_manifests
 from dataset.media import SAMPLING_MODES, MediaError, read_clip, sampling_rate
 from dataset.annotations import AnnotationStore
+from dataset.tables import is_table
 from model.config import VisionConfig
 from model.vision import FrameEncoder
 
@@ -81,7 +82,7 @@ def distributed_rank():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", nargs="+", required=True, help="jsonl files (media paths relative to --media_root)")
+    p.add_argument("--data", nargs="+", required=True, help="jsonl files, .parquet files or save_to_disk folders (media paths relative to --media_root)")
     p.add_argument("--media_root", default=None, help="default: the first jsonl's folder")
     p.add_argument("--clip_model", default=VisionConfig.clip_model)
     p.add_argument("--clip_pretrained", default=VisionConfig.clip_pretrained)
@@ -129,7 +130,7 @@ def this_part(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    missing = [d for d in args.data if not Path(d).is_file()]
+    missing = [d for d in args.data if not (Path(d).is_file() or is_table(d) and Path(d).exists())]
     if missing:
         sys.exit(f"error: {missing[0]}: no such file")
     root = Path(args.media_root) if args.media_root else Path(args.data[0]).parent

@@ -41,6 +41,13 @@ def test_a_parquet_file_reads_as_its_rows(tmp_path):
     assert [AnnotationStore(path).record(0)] == [(1, EXPECTED[1])]
 
 
+def test_a_row_whose_kept_column_json_cannot_hold_is_reported_by_row(tmp_path):
+    path = tmp_path / "bytes.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "x", "video": b"\x00\x01", "conversations": "[]"}]), path)
+    data = ConversationDataset(path, chat=None, num_frames=4, max_len=64)
+    assert data[0]["error"] == f"{path}:1: a column holds a value that is not JSON (bytes, a date)"
+
+
 def test_a_save_to_disk_folder_reads_as_its_rows(tmp_path):
     datasets = pytest.importorskip("datasets")
     folder = tmp_path / "hf_train"
@@ -56,16 +63,44 @@ def test_a_save_to_disk_folder_reads_as_its_rows(tmp_path):
         AnnotationStore(tmp_path / "not_a_dataset")
 
 
-def test_training_on_the_parquet_of_a_jsonl_logs_the_same_losses(tmp_path, synthetic, fresh_flags, train):
+def table_copies(lines, folder) -> dict:
+    """The same records as a jsonl, a parquet file and a save_to_disk folder."""
+    datasets = pytest.importorskip("datasets")
+    records = [json.loads(line) for line in lines]
+    (folder / "data.jsonl").write_text("".join(line + "\n" for line in lines))
+    pq.write_table(pa.Table.from_pylist(records), folder / "data.parquet")
+    datasets.Dataset.from_list(records).save_to_disk(str(folder / "data_hf"))
+    return {name: folder / name for name in ("data.jsonl", "data.parquet", "data_hf")}
+
+
+def test_training_on_a_parquet_or_dataset_folder_of_a_jsonl_logs_the_same_losses(tmp_path, synthetic, fresh_flags,
+                                                                                   train):
     from conftest import read_log
     lines = (synthetic / "sft_video.jsonl").read_text().splitlines()[:24]
-    (tmp_path / "data.jsonl").write_text("".join(line + "\n" for line in lines))
-    pq.write_table(pa.Table.from_pylist([json.loads(line) for line in lines]), tmp_path / "data.parquet")
     losses = {}
-    for name in ("data.jsonl", "data.parquet"):
-        out = tmp_path / name.replace(".", "_")
-        result = train("train_sft.py", "--stage=video", f"--data_path={tmp_path / name}", f"--media_root={synthetic}",
+    for name, data in table_copies(lines, tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        result = train("train_sft.py", "--stage=video", f"--data_path={data}", f"--media_root={synthetic}",
                        f"--out_dir={out}", *fresh_flags)
         assert result.returncode == 0, result.stderr
         losses[name] = [row["loss"] for row in read_log(out / "logs" / "sft_video_32.jsonl")]
-    assert len(losses["data.jsonl"]) == 3 and losses["data.parquet"] == losses["data.jsonl"]
+    assert len(losses["data.jsonl"]) == 3
+    assert losses["data.parquet"] == losses["data.jsonl"] and losses["data_hf"] == losses["data.jsonl"]
+
+
+def test_scoring_a_parquet_or_dataset_folder_gives_the_jsonl_predictions_and_metrics(tmp_path, synthetic,
+                                                                                      video_checkpoint):
+    from conftest import run_python
+    lines = (synthetic / "test.jsonl").read_text().splitlines()
+    runs = {}
+    for name, data in table_copies(lines, tmp_path).items():
+        preds, metrics = tmp_path / f"{name}.preds.jsonl", tmp_path / f"{name}.metrics.json"
+        result = run_python("eval.py", f"--weight={video_checkpoint}", f"--data_path={data}",
+                            f"--media_root={synthetic}", f"--out={preds}", f"--metrics_out={metrics}",
+                            "--max_new_tokens=8", "--batch_size=8")
+        assert result.returncode == 0, result.stderr
+        scores = {k: v for k, v in json.loads(metrics.read_text()).items() if k != "seconds"}   # wall time
+        runs[name] = (preds.read_text().splitlines(), scores)
+    predictions, metrics = runs["data.jsonl"]
+    assert len(predictions) == len(lines) and metrics["n"] == len(lines) and metrics["skipped"] == 0
+    assert runs["data.parquet"] == runs["data.jsonl"] and runs["data_hf"] == runs["data.jsonl"]

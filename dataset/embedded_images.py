@@ -1,0 +1,56 @@
+"""Images carried in annotation rows as bytes (MiniMind-V's parquet `image_bytes`) → image files named by their
+content, written once: the loader, the feature cache and the converter then see ordinary image paths that
+stay the same from run to run, and an image shared by many rows is stored (and encoded) once."""
+import hashlib
+import io
+from pathlib import Path
+
+from dataset.media import IMAGE_SUFFIXES
+from model.atomic import atomic_write
+
+# PIL's format name → the suffix the file gets (and the media loader reads).
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
+assert set(SUFFIXES.values()) <= IMAGE_SUFFIXES
+HASH_CHARS = 24   # of sha256's hex digest: 96 bits, no collision among billions of images
+
+
+class BadImageBytes(ValueError):
+    """A row's image bytes that are no image we read; one line."""
+
+
+def byte_list(value) -> list:
+    """One image or a list of them, each as bytes or as the datasets library's Image struct {"bytes", "path"}."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        data = item.get("bytes") if isinstance(item, dict) else item
+        if not isinstance(data, (bytes, bytearray)) or not data:
+            raise BadImageBytes(f"'image_bytes' holds {type(data).__name__}, not image bytes")
+        out.append(bytes(data))
+    return out
+
+
+def image_suffix(data: bytes) -> str:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(io.BytesIO(data)) as im:   # reads the header only
+            kind = im.format
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadImageBytes(f"'image_bytes' is not an image ({len(data)} bytes, starting {data[:8]!r})") from None
+    if kind not in SUFFIXES:
+        raise BadImageBytes(f"'image_bytes' is a {kind} image (readable: {', '.join(SUFFIXES)})")
+    return SUFFIXES[kind]
+
+
+def save_image(data: bytes, folder) -> Path:
+    """The file holding exactly these bytes, written (atomically) the first time they are seen."""
+    path = Path(folder) / (hashlib.sha256(data).hexdigest()[:HASH_CHARS] + image_suffix(data))
+    if not path.exists():
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return path
+
+
+def images_folder(table_path) -> Path:
+    """Where a table's embedded images go: <its folder>/<its name without suffix>_images/."""
+    table_path = Path(table_path)
+    return table_path.parent / f"{table_path.stem if table_path.is_file() else table_path.name}_images"
