@@ -64,9 +64,9 @@ def test_parquet_loads_directly_images_written_once_by_content(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sft_i2t_images").iterdir()) == sorted({n.split("/")[1] for n in names[:3]})
     assert records[1]["conversations"][0]["content"] == "What time of day is it?<image>"
     assert records[3] == {"id": "sft_i2t_3", "conversations": json.loads(ROWS[3]["conversations"])}
-    assert records[4].startswith("'image_bytes' is not an image (12 bytes")
+    assert records[4].startswith("'image_bytes' is not a JPEG, PNG, WebP or BMP image (12 bytes")
     data = ConversationDataset(path, chat=None, num_frames=4, max_len=64)
-    assert data[4]["error"].startswith(f"{path}:5: 'image_bytes' is not an image")
+    assert data[4]["error"].startswith(f"{path}:5: 'image_bytes' is not a JPEG, PNG, WebP or BMP image")
     # The images folder removed: the store is rebuilt and writes them again, under the same names.
     for image in (tmp_path / "sft_i2t_images").iterdir():
         image.unlink()
@@ -82,7 +82,7 @@ def test_convert_gives_the_records_direct_loading_gives(tmp_path):
     result = run_python("scripts/convert_data.py", "--format=minimind-v", f"--input={path}", f"--out={out}")
     assert result.returncode == 0, result.stderr
     assert "read 6, written 5" in result.stdout and "skipped bad_image: 1" in result.stdout
-    assert f"skipped {path}:row 5: 'image_bytes' is not an image" in result.stderr
+    assert f"skipped {path}:row 5: 'image_bytes' is not a JPEG, PNG, WebP or BMP image" in result.stderr
     converted = [json.loads(line) for line in out.read_text().splitlines()]
     store = AnnotationStore(path)
     direct = [store.record(i)[1] for i in (0, 1, 2, 3, 5)]
