@@ -232,6 +232,7 @@ class TinyVideoSimple(EngineModel):
         return answers
 
     def loglikelihood(self, requests) -> list:
+        """(negative log-likelihood of the continuation, greedy?) per request: lower is likelier."""
         rows = []
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args
@@ -240,7 +241,9 @@ class TinyVideoSimple(EngineModel):
             visuals = self.visuals(doc_to_visual, doc_id, task, split)
             # The answer is the assistant turn's text: the delimiter lmms-eval puts before it means nothing there.
             rows.append(([user_turn(context, visuals)], visuals, str(continuation).lstrip()))
-        return [as_response(pair) for pair in self.likelihoods(rows)]
+        # lmms-eval's models return a loss here and its multiple-choice scoring picks the option with the
+        # smallest value (argmin), so each answer's value is its negative log-likelihood, summed over tokens.
+        return [as_response((-logprob, greedy)) for logprob, greedy in self.likelihoods(rows)]
 
 
 class TinyVideoChat(EngineModel):
