@@ -128,6 +128,16 @@ class EngineModel(lmms):
             answers += self.engine.generate_batch(batch, visual, options)
         return answers
 
+    def answer_requests(self, requests, kwargs_at: int, prompt_of) -> list:
+        """generate_until's answers in request order, batched among the requests that share generation
+        kwargs (args[kwargs_at]); prompt_of(args) → (conversation, visuals)."""
+        answers = [None] * len(requests)
+        for indices in grouped(requests, lambda r: r.args[kwargs_at]).values():
+            prompts = [prompt_of(requests[i].args) for i in indices]
+            for i, answer in zip(indices, self.answer(prompts, requests[indices[0]].args[kwargs_at])):
+                answers[i] = answer
+        return answers
+
     @torch.inference_mode()
     def likelihoods(self, rows) -> list:
         """(sum of log-probs, greedy?) of each (conversation, visuals, answer) row's answer as the
@@ -220,27 +230,24 @@ class TinyVideoSimple(EngineModel):
         return [v for v in (found or []) if v is not None]
 
     def generate_until(self, requests) -> list:
-        answers = [None] * len(requests)
-        for indices in grouped(requests, lambda r: r.args[1]).values():
-            prompts = []
-            for i in indices:
-                context, _, doc_to_visual, doc_id, task, split = requests[i].args
-                visuals = self.visuals(doc_to_visual, doc_id, task, split)
-                prompts.append(([user_turn(context, visuals)], visuals))
-            for i, answer in zip(indices, self.answer(prompts, requests[indices[0]].args[1])):
-                answers[i] = answer
-        return answers
+        return self.answer_requests(requests, 1, self.prompt_of)
+
+    def prompt_of(self, args) -> tuple:
+        context, _, doc_to_visual, doc_id, task, split = args
+        visuals = self.visuals(doc_to_visual, doc_id, task, split)
+        return [user_turn(context, visuals)], visuals
 
     def loglikelihood(self, requests) -> list:
         """(negative log-likelihood of the continuation, greedy?) per request: lower is likelier."""
         rows = []
         for request in requests:
-            context, continuation, doc_to_visual, doc_id, task, split = request.args
+            context, continuation, *where = request.args   # acc_mutual_info's unconditional requests: no `where`
             if callable(continuation):   # a loglikelihood task hands its doc_to_target
+                _, doc_id, task, split = where
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            visuals = self.visuals(doc_to_visual, doc_id, task, split)
+            conversation, visuals = self.prompt_of((context, None, *where)) if where else ([user_turn(context, [])], [])
             # The answer is the assistant turn's text: the delimiter lmms-eval puts before it means nothing there.
-            rows.append(([user_turn(context, visuals)], visuals, str(continuation).lstrip()))
+            rows.append((conversation, visuals, str(continuation).lstrip()))
         # lmms-eval's models return a loss here and its multiple-choice scoring picks the option with the
         # smallest value (argmin), so each answer's value is its negative log-likelihood, summed over tokens.
         return [as_response((-logprob, greedy)) for logprob, greedy in self.likelihoods(rows)]
@@ -251,15 +258,11 @@ class TinyVideoChat(EngineModel):
     is_simple = False
 
     def generate_until(self, requests) -> list:
-        answers = [None] * len(requests)
-        for indices in grouped(requests, lambda r: r.args[2]).values():
-            prompts = []
-            for i in indices:
-                _, doc_to_messages, _, doc_id, task, split = requests[i].args
-                prompts.append(chat_turns(doc_to_messages(self.task_dict[task][split][doc_id])))
-            for i, answer in zip(indices, self.answer(prompts, requests[indices[0]].args[2])):
-                answers[i] = answer
-        return answers
+        return self.answer_requests(requests, 2, self.prompt_of)
+
+    def prompt_of(self, args) -> tuple:
+        _, doc_to_messages, _, doc_id, task, split = args
+        return chat_turns(doc_to_messages(self.task_dict[task][split][doc_id]))
 
     def loglikelihood(self, requests):
         raise NotImplementedError(f"{MODEL_NAME}: likelihood tasks run with --force_simple "
