@@ -96,6 +96,8 @@ class EngineModel(lmms):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.engine = Engine.load(weight=weight, lora=lora, out_dir=out_dir, device=device, tokenizer=tokenizer,
                                   clip_pretrained=clip_pretrained)
+        if not str(batch_size or 1).isdigit():
+            raise EngineError(f"--batch_size {batch_size}: give a number (no 'auto' for this model)")
         self.batch_size = max(1, int(batch_size or 1))
 
     def seen(self, visual) -> MediaEntry:

@@ -44,19 +44,34 @@ def model_args(ours) -> str:
     return ",".join(f"{k}={v}" for k, v in pairs.items() if v is not None)
 
 
+def flag_at(argv, *names):
+    """(index, value) of the last `--name value` or `--name=value` in argv, or None."""
+    found = None
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                found = (i, argv[i + 1])
+            elif arg.startswith(name + "="):
+                found = (i, arg[len(name) + 1:])
+    return found
+
+
 def lmms_eval_argv(ours, rest) -> list:
     """lmms-eval's argv: ours as --model_args (before any the user gave), and our defaults where unset."""
-    if not ours.weight and not ours.lora and "--model" not in rest:
+    model = flag_at(rest, "--model")
+    if not ours.weight and not ours.lora and model is None:
         raise SystemExit("error: give --weight (a checkpoint) or --lora (an adapter folder)")
     argv = list(rest)
-    if "--model" not in argv:
+    if model is None:
         argv += ["--model", "tiny_video_llm"]
-    if "--model_args" in argv:
-        i = argv.index("--model_args") + 1
-        argv[i] = ",".join(a for a in (model_args(ours), argv[i]) if a)
+    given = flag_at(argv, "--model_args")
+    if given:
+        i, value = given
+        argv[i:i + (1 if argv[i].startswith("--model_args=") else 2)] = []
+        argv += ["--model_args", ",".join(a for a in (model_args(ours), value) if a)]
     else:
         argv += ["--model_args", model_args(ours)]
-    if "--batch_size" not in argv:
+    if flag_at(argv, "--batch_size", "-b") is None:
         argv += ["--batch_size", "32"]
     return argv
 

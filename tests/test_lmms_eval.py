@@ -270,3 +270,13 @@ def test_multiple_choice_options_are_the_categorys_answers():
     assert [d["id"] for d in docs] == ["0", "1", "2"]   # captions (free answers) and one-answer categories go
     assert all(d["choices"] == ["blue", "red"] for d in docs)
     assert [local_tasks.doc_to_choice_index(d) for d in docs] == [1, 0, 1]
+
+
+def test_our_flags_become_model_args_and_lmms_eval_flags_pass_through():
+    from run_lmms_eval import lmms_eval_argv, parse_args
+    argv = lmms_eval_argv(*parse_args(["--weight=w", "--tasks=t", "-b", "4", "--model_args=lora=a", "--limit", "3"]))
+    assert argv[:4] == ["--tasks=t", "-b", "4", "--limit"] and "--batch_size" not in argv
+    assert argv[argv.index("--model") + 1] == "tiny_video_llm"
+    assert argv[argv.index("--model_args") + 1] == "weight=w,out_dir=out,lora=a"
+    argv = lmms_eval_argv(*parse_args(["--weight=w", "--tasks=t"]))
+    assert argv[argv.index("--batch_size") + 1] == "32"   # eval.py's batches, unless asked otherwise
