@@ -130,9 +130,8 @@ def build_store(path, folder: Path):
 
 def image_folder(path, folder: Path) -> Path:
     """Where a table's embedded images go: beside it, or beside its store when its folder is not writable."""
-    if os.access(Path(path).resolve().parent, os.W_OK):
-        return images_folder(path)
-    return folder.with_name(folder.name.removesuffix(".store") + "_images")
+    parent = Path(path).resolve().parent
+    return images_folder(path, parent if os.access(parent, os.W_OK) else folder.parent)
 
 
 def store_folder(path, cache_dir=None) -> Path:

@@ -48,7 +48,9 @@ def save_image(data: bytes, folder) -> Path:
     return path
 
 
-def images_folder(table_path) -> Path:
-    """Where a table's embedded images go: <its folder>/<its name without suffix>_images/."""
+def images_folder(table_path, parent=None) -> Path:
+    """Where a table's embedded images go: <parent (default: the table's folder)>/<its name without suffix>_images/.
+    The names are content hashes, so tables that share a folder's name can share the folder."""
     table_path = Path(table_path)
-    return table_path.parent / f"{table_path.stem if table_path.is_file() else table_path.name}_images"
+    name = table_path.stem if table_path.is_file() else table_path.name
+    return Path(parent if parent is not None else table_path.parent) / f"{name}_images"

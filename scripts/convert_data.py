@@ -9,6 +9,7 @@ from pathlib import Path
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.converters import (DEFAULT_CAPTION_PROMPT, FORMATS, Options, SourceError,
                                 convert_records, read_msvd_mapping, read_nextqa_mapping)
+from dataset.embedded_images import images_folder
 
 ID_ONLY_FORMATS = ("sharegpt4video", "videoinstruct", "msrvtt-qa", "msvd-qa", "charades-sta",
                    "activitynet-captions", "nextqa")
@@ -67,7 +68,7 @@ def run(args) -> Counter:
     opts = Options(out_dir=str(out.parent), media_root=args.media_root, video_ext=args.video_ext,
                    category=args.category, category_from_question=args.category_from_question,
                    caption_prompt=args.caption_prompt, keyframe_turn=args.keyframe_turn,
-                   image_dir=args.image_dir or str(out.parent / f"{Path(args.input).stem}_images"),
+                   image_dir=args.image_dir or str(images_folder(args.input, out.parent)),
                    msvd_mapping=read_msvd_mapping(args.mapping) if args.mapping else None,
                    nextqa_mapping=read_nextqa_mapping(args.video_map) if args.video_map else None)
     counts = Counter()

@@ -3,6 +3,7 @@ converted by convert_data.py or read directly as --data_path, its images written
 reaching the model bit-identical; text-only rows drop the placeholder image; bad bytes skip one row."""
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,18 @@ def test_the_feature_cache_keys_embedded_images_by_their_paths(tmp_path, synthet
                    *fresh_flags, "--max_steps=1", f"--feature_dir={cache}")
     assert result.returncode == 0, result.stderr
     assert "not in the feature cache" not in result.stderr
+
+
+def test_a_table_in_a_read_only_folder_gets_its_images_beside_its_store(tmp_path, monkeypatch):
+    import dataset.annotations as annotations
+    table_dir, cache = tmp_path / "read_only", tmp_path / "cache"
+    table_dir.mkdir()
+    path = table_dir / "sft_i2t.parquet"
+    write_minimind_parquet(path, ROWS[:1])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.setattr(annotations.os, "access", lambda p, mode: Path(p).resolve() != table_dir.resolve())
+    store = AnnotationStore(path)
+    name = store.record(0)[1]["image"]
+    assert store.folder.parent == cache / "tiny-vlm" / "annotations"
+    assert (table_dir / name).resolve().parent == store.folder.parent / "sft_i2t_images"
+    assert (table_dir / name).read_bytes() == ROWS[0]["image_bytes"] and not (table_dir / "sft_i2t_images").exists()
