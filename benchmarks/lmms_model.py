@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset.media import MAX_SIDE, uniform_indices
+from dataset.media import IMAGE_SUFFIXES, MAX_SIDE, uniform_indices
 from dataset.vlm_dataset import MediaEntry, collate, visual_inputs
 from model.engine import MEDIA_KINDS, Engine, EngineError, SamplingOptions
 
@@ -32,7 +32,7 @@ except ImportError:   # versions before it keep responses as the model returns t
     GenerationResult = None
 
 MODEL_NAME = "tiny_video_llm"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+STILL_SUFFIXES = IMAGE_SUFFIXES | {".gif", ".tif", ".tiff"}   # the image loader's, and what PIL also reads
 
 
 def register():
@@ -59,7 +59,7 @@ def sampling_options(gen_kwargs: dict) -> SamplingOptions:
 def visual_kind(visual) -> str:
     """"video" or "image" for one visual as lmms-eval hands it."""
     if isinstance(visual, (str, Path)):
-        return "image" if Path(visual).suffix.lower() in IMAGE_SUFFIXES else "video"
+        return "image" if Path(visual).suffix.lower() in STILL_SUFFIXES else "video"
     if hasattr(visual, "convert") or isinstance(visual, np.ndarray) and visual.ndim == 3:
         return "image"   # a PIL image, or one (H, W, 3) frame
     if isinstance(visual, (list, tuple, np.ndarray)):

@@ -88,25 +88,24 @@ def write_records(path, out_path, image_dir=None):
     becomes a line naming why, reported as that row's error when read). MiniMind-V's rows (an
     "image_bytes" column) go through its converter, their images written once under image_dir.
     Returns whether the table has such a column."""
+    from dataset.converters import Options, Skip, from_minimind   # converters reads tables too
+    opts = Options(out_dir=str(Path(path).parent), image_dir=str(image_dir), id_prefix=Path(path).stem)
+
+    def render(row: dict, index: int) -> str:
+        try:
+            record = from_minimind(row, index, opts) if "image_bytes" in row else to_record(row)
+            return json.dumps(record, ensure_ascii=False)
+        except Skip as e:
+            return json.dumps(UNREADABLE + str(e))
+        except (TypeError, ValueError):   # e.g. bytes or dates in a known column
+            return json.dumps(UNREADABLE + "a column holds a value that is not JSON (bytes, a date)")
+
     rows = (row for batch in record_batches(path) for row in batch)
     embedded = False
     with open(out_path, "w", encoding="utf-8") as out:
         for index, row in enumerate(rows):
             embedded = embedded or "image_bytes" in row
-            out.write(render(row, index, path, image_dir) + "\n")
+            out.write(render(row, index) + "\n")
         out.flush()
         os.fsync(out.fileno())
     return embedded
-
-
-def render(row: dict, index: int, path, image_dir) -> str:
-    from dataset.converters import Options, Skip, from_minimind   # converters reads tables too
-    try:
-        if "image_bytes" not in row:
-            return json.dumps(to_record(row), ensure_ascii=False)
-        opts = Options(out_dir=str(Path(path).parent), image_dir=str(image_dir), id_prefix=Path(path).stem)
-        return json.dumps(from_minimind(row, index, opts), ensure_ascii=False)
-    except Skip as e:
-        return json.dumps(UNREADABLE + str(e))
-    except (TypeError, ValueError):   # e.g. bytes or dates in a known column
-        return json.dumps(UNREADABLE + "a column holds a value that is not JSON (bytes, a date)")
