@@ -13,6 +13,19 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+@dataclass(frozen=True)
+class MediaSlots:
+    """The slots of one media: `count` visual tokens in len(stamps) equal groups, each group after its start
+    second written as text (" 37"), so the LM can copy the times it reads; stamps None: the slots alone."""
+    count: int
+    stamps: tuple = None
+
+
+def stamp_text(seconds: float) -> str:
+    """A time segment's start as the text before its visual tokens: the whole second it starts in."""
+    return f" {int(seconds + 1e-3)}"
+
+
 class BadSample(ValueError):
     """A sample whose conversation cannot be used; the message says why."""
 
@@ -159,17 +172,24 @@ class ChatEncoder:
         return list(ids)
 
     def content(self, s: str, media_kinds: list, slot_counts=None) -> list:
-        """User text with each <video>/<image> marker replaced by its slots (K, or the media's count in
-        slot_counts, in marker order); records marker kinds."""
+        """User text with each <video>/<image> marker replaced by its slots (K, or the media's entry in
+        slot_counts, in marker order: a count or MediaSlots); records marker kinds."""
         ids = []
         for piece in MEDIA_MARKER.split(s):
             if piece in ("<video>", "<image>"):
-                count = self.k if slot_counts is None else slot_counts[len(media_kinds)]
+                slots = self.k if slot_counts is None else slot_counts[len(media_kinds)]
                 media_kinds.append(piece[1:-1])
-                ids += [self.vision_pad] * count
+                ids += self.media_slots(slots if isinstance(slots, MediaSlots) else MediaSlots(slots))
             elif piece:
                 ids += self.text(piece)
         return ids
+
+    def media_slots(self, slots: MediaSlots) -> list:
+        """The ids a media's marker becomes: its visual slots, each group after its start second as text."""
+        if not slots.stamps:
+            return [self.vision_pad] * slots.count
+        group = slots.count // len(slots.stamps)
+        return [i for second in slots.stamps for i in self.text(stamp_text(second)) + [self.vision_pad] * group]
 
     def encode(self, conversations: list, add_generation_prompt=False, slot_counts=None):
         """→ (ids, labels, media_kinds). Labels cover each assistant answer and its turn-end token.

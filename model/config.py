@@ -33,6 +33,7 @@ class VisionConfig:
                                      # time) or "none" (an ablation: token order only)
     num_visual_tokens: int = 8       # K tokens per image or video handed to the LM (with segment_seconds: the cap)
     segment_seconds: float = 0.0     # 0: K per media; > 0: 2 per time segment this long (the budget grows with duration)
+    timestamp_text: bool = False     # with segment_seconds: each segment's tokens follow its start second as text (" 37")
     summary_dim: int = 256
     summary_layers: int = 2
     summary_heads: int = 4

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.chat import MediaSlots
 from model.config import VisionConfig
 from model.lm import Block, RMSNorm
 
@@ -68,8 +69,9 @@ def segment_weights(frame_mask, k: int):
     return weights / weights.sum(-1, keepdim=True)
 
 
-def segment_plan(frame_mask, frame_times, seconds: float, max_segments: int):
-    """Each frame's time segment, (N, T) long, and the segments of each media, (N,).
+def segment_plan(frame_mask, frame_times, seconds: float, max_segments: int, with_clock: bool = False):
+    """Each frame's time segment, (N, T) long, and the segments of each media, (N,); with_clock also the
+    (N,) first-frame time and (N,) segment length, in seconds, so segment k starts at first + k · length.
 
     Segments are `seconds` long from the first frame on, longer where a media would need more than
     max_segments: the token budget grows with duration up to a cap. A media whose times are not all
@@ -87,6 +89,8 @@ def segment_plan(frame_mask, frame_times, seconds: float, max_segments: int):
     length = torch.maximum(torch.full_like(span, seconds), span / (max_segments - 1e-6))
     segment = torch.floor(elapsed / length + TIME_SLACK).long().clamp(0, max_segments - 1)
     segment = segment.masked_fill(~frame_mask, 0)
+    if with_clock:
+        return segment, segment.amax(1) + 1, times[:, 0], length[:, 0]
     return segment, segment.amax(1) + 1
 
 
@@ -104,12 +108,27 @@ def media_token_count(cfg: VisionConfig, n_frames: int, times=None) -> int:
     return int(visual_token_counts(cfg, mask, None if times is None else torch.as_tensor(times).reshape(1, -1))[0])
 
 
+def media_stamps(cfg: VisionConfig, n_frames: int, times) -> tuple:
+    """The start second of each time segment of one media, for the time text before its tokens; None when
+    its times are unknown or it is a single frame (an image has no timeline)."""
+    if times is None or n_frames < 2 or not bool(torch.isfinite(torch.as_tensor(times)).all()):
+        return None
+    mask = torch.ones(1, n_frames, dtype=torch.bool)
+    _, counts, first, length = segment_plan(mask, torch.as_tensor(times).reshape(1, -1), cfg.segment_seconds,
+                                            cfg.num_visual_tokens // 2, with_clock=True)
+    return tuple(float(first[0] + k * length[0]) for k in range(int(counts[0])))
+
+
 def media_slot_counts(cfg: VisionConfig, media):
     """The slots the text gives each media (items with .values, one row per frame, and .times), in
-    order, as the datasets and the engine size them; None when every media gets num_visual_tokens."""
+    order, as the datasets and the engine size them: counts, or with timestamp_text MediaSlots whose
+    groups follow their start second; None when every media gets num_visual_tokens."""
     if not cfg.segment_seconds:
         return None
-    return [media_token_count(cfg, len(m.values), m.times) for m in media]
+    counts = [media_token_count(cfg, len(m.values), m.times) for m in media]
+    if not cfg.timestamp_text:
+        return counts
+    return [MediaSlots(n, media_stamps(cfg, len(m.values), m.times)) for n, m in zip(counts, media)]
 
 
 def segment_pool(frame_mask, frame_times, seconds: float, max_segments: int):
@@ -231,6 +250,8 @@ def build_summary(cfg: VisionConfig) -> nn.Module:
         raise ValueError(f"summary must be one of {sorted(kinds)}, got {cfg.summary!r}")
     if not cfg.segment_seconds >= 0:
         raise ValueError(f"segment_seconds must be >= 0 (0: a fixed num_visual_tokens), got {cfg.segment_seconds}")
+    if cfg.timestamp_text and not cfg.segment_seconds:
+        raise ValueError("timestamp_text writes each time segment's start second: it needs segment_seconds > 0")
     if cfg.time_encoding not in TIME_ENCODINGS:
         raise ValueError(f"time_encoding must be one of {TIME_ENCODINGS}, got {cfg.time_encoding!r}")
     return kinds[cfg.summary](cfg)

@@ -28,6 +28,7 @@ SAMPLE_FPS=${SAMPLE_FPS:-1}     # frames sampled a second of video
 FRAME_CAP=${FRAME_CAP:-128}     # at most this many frames per video (longer videos: spread evenly)
 SEGMENT_SECONDS=${SEGMENT_SECONDS:-1}   # an appearance and a motion token per this many seconds of video...
 K=${K:-256}                     # ...at most this many visual tokens per video (0 s segments: exactly K)
+TIME_TEXT=${TIME_TEXT:-0}       # 1: the model's segments also follow their start second as text (" 37"; README)
 # --- training
 BS=${BS:-16}
 PRE_EPOCHS=${PRE_EPOCHS:-3}
@@ -43,7 +44,7 @@ OUT_DIR=${OUT_DIR:-out/temporal}
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
 SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE VOCAB CLIP_MODEL
-          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
+          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
           PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATIONS OUT_DIR DATA_DIR)
 
 cd "$(dirname "$0")/.."
@@ -58,7 +59,7 @@ TOKENIZER=$OUT/tokenizer
 
 summary_flags() {   # summary_flags NAME: the VideoSummary flags of the model ("temporal") or an ablation
   case $1 in
-    temporal) echo "--summary temporal --time_encoding seconds" ;;
+    temporal) echo "--summary temporal --time_encoding seconds$([ "$TIME_TEXT" = 1 ] && echo " --timestamp_text")" ;;
     mean) echo "--summary mean" ;;
     no_time) echo "--summary temporal --time_encoding none" ;;
     *) return 1 ;;
@@ -99,7 +100,7 @@ features_in_two_parts python scripts/extract_features.py --data "${SPLITS[@]}" "
   --clip_pretrained "$VISION" "${SAMPLING[@]}" --world_size 2 --num_workers 1
 
 # 5-6. pretrain + video SFT + eval, for the model or an ablation
-COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER")
+COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER" --max_len 768)   # time text makes the longest ~540 tokens
 ARCH=("${LM_FLAGS[@]}" "${SAMPLING[@]}" --num_visual_tokens "$K" --segment_seconds "$SEGMENT_SECONDS" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>) or an ablation (<stage>_<DIM>_NAME)

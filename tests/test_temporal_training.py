@@ -429,3 +429,45 @@ def test_a_required_clock_is_refused_wherever_its_bad_times_are(last_end):
             return 4.0
     with pytest.raises(MediaError):
         frame_times(Reader(), 8, "clip.mp4", required=True)
+
+
+# ---------------------------------------------------------------- time as text before each segment's tokens
+
+
+def test_time_text_spells_each_segments_start_second_before_its_pair_alike_in_training_and_in_the_engine(
+        tmp_path, suite, temporal_cache, tokenizer, tokenizer_dir, vocab_size, vision_file, frame_encoder):
+    from model.engine import Engine
+    from model.video_summary import media_slot_counts
+    from functools import partial
+    lm = LMConfig(vocab_size=vocab_size, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    vis = VisionConfig(clip_model=CLIP_MODEL, clip_image_size=CLIP_SIZE, clip_pretrained=str(vision_file),
+                       clip_dim=frame_encoder.dim, num_frames=CAP, frame_sampling="fps", sample_fps=SAMPLE_FPS,
+                       summary="temporal", time_encoding="seconds", num_visual_tokens=8, segment_seconds=2.0,
+                       timestamp_text=True, summary_dim=16, summary_layers=1, summary_heads=2,
+                       vision_token_id=tokenizer.convert_tokens_to_ids("<|vision_pad|>"))
+    path = tmp_path / "stamped.safetensors"
+    save_checkpoint(VideoLLM(lm, vis), path, stage="video", step=0, tokenizer=str(tokenizer_dir))
+    chat = ChatEncoder(tokenizer, vis.num_visual_tokens)
+    data = ConversationDataset(suite / "test.jsonl", chat, CAP, 2048, cache=FeatureCache(temporal_cache),
+                               for_generation=True, fps=SAMPLE_FPS, need_times=True,
+                               slot_counts=partial(media_slot_counts, vis))
+    item, record = data[0], records(suite / "test.jsonl")[0]
+    ids = item["input_ids"].tolist()
+    # Frames a second apart from t0, 2-s segments (at most 4): the k-th pair of slots follows the whole
+    # second its segment starts in, " <int(t0 + 2k)>"
+    times = item["media"][0].times.tolist()
+    t0, segments = times[0], min(4, (len(times) + 1) // 2)
+    first = ids.index(chat.vision_pad) - len(chat.text(f" {int(t0)}"))
+    stamped = []
+    for k in range(segments):
+        stamped += chat.text(f" {int(t0 + 2 * k)}") + [chat.vision_pad] * 2
+    assert ids[first:first + len(stamped)] == stamped and ids.count(chat.vision_pad) == 2 * segments
+    # eval.py, the web chat and the server read the same layout through the engine
+    engine = Engine.load(str(path), tokenizer=str(tokenizer_dir))
+    assert engine.prompt_ids(record["conversations"][:-1], item["media"]) == ids
+
+
+def test_time_text_without_time_segments_is_refused_in_one_line():
+    from model.video_summary import build_summary
+    with pytest.raises(ValueError, match="needs segment_seconds"):
+        build_summary(VisionConfig(timestamp_text=True))

@@ -85,6 +85,9 @@ def add_architecture_flags(p):
     a("--segment_seconds", type=float, default=None,
       help="0 (default): --num_visual_tokens per media; > 0: an appearance and a motion token per time segment "
            "this long, at most --num_visual_tokens (the budget grows with duration)")
+    a("--timestamp_text", action=argparse.BooleanOptionalAction, default=None,
+      help="with --segment_seconds: write each time segment's start second as text before its two tokens "
+           "(' 37'), which the LM can copy into the times it answers")
     a("--clip_pretrained", default=None, help="open_clip pretrained tag or local weights file")
     a("--frame_sampling", choices=SAMPLING_MODES, default=None,
       help="video frames: uniform over the clip (default), or fps: --sample_fps a second, at most --num_frames")
