@@ -125,10 +125,13 @@ def media_slot_counts(cfg: VisionConfig, media):
     groups follow their start second; None when every media gets num_visual_tokens."""
     if not cfg.segment_seconds:
         return None
-    counts = [media_token_count(cfg, len(m.values), m.times) for m in media]
     if not cfg.timestamp_text:
-        return counts
-    return [MediaSlots(n, media_stamps(cfg, len(m.values), m.times)) for n, m in zip(counts, media)]
+        return [media_token_count(cfg, len(m.values), m.times) for m in media]
+    slots = []
+    for m in media:   # a stamped media's segments give its count: one segment_plan per media, not two
+        stamps = media_stamps(cfg, len(m.values), m.times)
+        slots.append(MediaSlots(2 * len(stamps) if stamps else media_token_count(cfg, len(m.values), m.times), stamps))
+    return slots
 
 
 def segment_pool(frame_mask, frame_times, seconds: float, max_segments: int):
