@@ -247,14 +247,21 @@ class MeanSummary(nn.Module):
         return x[:, :K], torch.arange(K, device=counts.device)[None] < counts[:, None]
 
 
-def build_summary(cfg: VisionConfig) -> nn.Module:
-    kinds = {"temporal": TemporalSummary, "mean": MeanSummary}
-    if cfg.summary not in kinds:
-        raise ValueError(f"summary must be one of {sorted(kinds)}, got {cfg.summary!r}")
+SUMMARIES = {"temporal": TemporalSummary, "mean": MeanSummary}
+
+
+def check_summary_config(cfg: VisionConfig):
+    """ValueError (one line) for summary settings no VideoSummary can be built from."""
+    if cfg.summary not in SUMMARIES:
+        raise ValueError(f"summary must be one of {sorted(SUMMARIES)}, got {cfg.summary!r}")
     if not cfg.segment_seconds >= 0:
         raise ValueError(f"segment_seconds must be >= 0 (0: a fixed num_visual_tokens), got {cfg.segment_seconds}")
     if cfg.timestamp_text and not cfg.segment_seconds:
         raise ValueError("timestamp_text writes each time segment's start second: it needs segment_seconds > 0")
     if cfg.time_encoding not in TIME_ENCODINGS:
         raise ValueError(f"time_encoding must be one of {TIME_ENCODINGS}, got {cfg.time_encoding!r}")
-    return kinds[cfg.summary](cfg)
+
+
+def build_summary(cfg: VisionConfig) -> nn.Module:
+    check_summary_config(cfg)
+    return SUMMARIES[cfg.summary](cfg)

@@ -471,3 +471,13 @@ def test_time_text_without_time_segments_is_refused_in_one_line():
     from model.video_summary import build_summary
     with pytest.raises(ValueError, match="needs segment_seconds"):
         build_summary(VisionConfig(timestamp_text=True))
+
+
+def test_time_text_without_time_segments_stops_training_with_one_line_not_a_traceback(suite):
+    from trainer.config import resolve_configs
+    from trainer.cli import build_parser
+    from trainer.errors import TrainingError
+    args = build_parser("pretrain", 1e-3, 1, 2).parse_args(["--data_path", str(suite / "pretrain.jsonl"),
+                                                            "--timestamp_text"])
+    with pytest.raises(TrainingError, match="needs segment_seconds"):
+        resolve_configs(args)

@@ -8,6 +8,7 @@ from model.chat import VISION_PAD
 from model.checkpoint import find_checkpoint, read_metadata
 from model.config import LMConfig, VisionConfig, config_from_dict
 from model.convert import grow_vocab, read_lm
+from model.video_summary import check_summary_config
 from trainer.errors import TrainingError
 
 # Settings a stage may change when it starts --from_weight (or --from_lm): which weights file holds
@@ -37,6 +38,10 @@ def resolve_configs(args):
         sampling_rate(vis_cfg)
     except ValueError as e:
         raise TrainingError(f"--frame_sampling/--sample_fps: {e}") from None
+    try:
+        check_summary_config(vis_cfg)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     return lm_cfg, vis_cfg, path, lm_state
 
 
