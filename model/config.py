@@ -18,13 +18,18 @@ class LMConfig:
     qk_norm: bool = False            # per-head RMSNorm of q and k before RoPE (minimind-3, Qwen3)
 
 
+MAX_REGIONS = 8   # clip_regions: at most 8 x 8 cells a frame
+
+
 @dataclass
 class VisionConfig:
     """Frozen open_clip encoder → VideoSummary → projector; how many frames and visual tokens."""
     clip_model: str = "ViT-S-32"    # open_clip architecture name
     clip_pretrained: str = ""        # open_clip pretrained tag, or a local weights file
     clip_image_size: int = 0         # 0 keeps the architecture's own input size
-    clip_dim: int = 384              # width of the encoder's pooled output (set from the encoder)
+    clip_regions: int = 0            # 0: a frame is its pooled CLS; g > 0: also its patch tokens averaged over a
+                                     # g x g grid of regions (the frame's feature: 1 + g*g vectors, side by side)
+    clip_dim: int = 384              # width of one frame's feature (set from the encoder: (1 + g*g) * output width)
     num_frames: int = 8              # frames sampled per video, identical in training and eval
     frame_sampling: str = "uniform"  # "uniform" over the clip, or "fps": sample_fps a second, at most num_frames
     sample_fps: float = 0.0          # the rate for "fps" sampling (dataset/media.py sample_frames)

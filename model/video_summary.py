@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.chat import MediaSlots
-from model.config import VisionConfig
+from model.config import MAX_REGIONS, VisionConfig
 from model.lm import Block, RMSNorm
 
 
@@ -260,6 +260,8 @@ def check_summary_config(cfg: VisionConfig):
         raise ValueError("timestamp_text writes each time segment's start second: it needs segment_seconds > 0")
     if cfg.time_encoding not in TIME_ENCODINGS:
         raise ValueError(f"time_encoding must be one of {TIME_ENCODINGS}, got {cfg.time_encoding!r}")
+    if not 0 <= cfg.clip_regions <= MAX_REGIONS:   # it sets the width of the features the summary reads
+        raise ValueError(f"clip_regions must be 0..{MAX_REGIONS} (regions a side), got {cfg.clip_regions}")
 
 
 def build_summary(cfg: VisionConfig) -> nn.Module:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from model.atomic import atomic_write
-from model.config import VisionConfig
+from model.config import MAX_REGIONS, VisionConfig
 from model.weights_io import CheckpointError, load_torch_state_dict, misfit, read_safetensors_metadata
 
 VISION_DIR = Path(__file__).parent / "vision_model"
@@ -151,8 +151,24 @@ def weights_are_random(path: str) -> bool:
     return read_weights_metadata(path).get("random_init") == "true"
 
 
+def region_means(tokens: torch.Tensor, regions: int) -> torch.Tensor:
+    """Patch tokens (T, P, w) of a square patch grid → (T, regions², w): their mean over each cell of a
+    regions × regions grid, row by row from the top left."""
+    T, P, w = tokens.shape
+    grid = int(round(P ** 0.5))
+    if grid * grid != P or grid < regions:
+        raise VisionWeightsError(f"clip_regions {regions}: the tower's {P} patch tokens are not a square grid "
+                                 f"of at least {regions} x {regions}")
+    cells = torch.nn.functional.adaptive_avg_pool2d(tokens.transpose(1, 2).reshape(T, w, grid, grid), regions)
+    return cells.flatten(2).transpose(1, 2)
+
+
 class FrameEncoder:
-    """Frozen CLIP image tower. encode(pixels uint8 (T,H,W,3)) → features (T, clip_dim), the pooled CLS."""
+    """Frozen CLIP image tower. encode(pixels uint8 (T,H,W,3)) → features (T, clip_dim): the pooled CLS, and
+    with clip_regions g the projected means of the patch tokens over a g x g grid beside it.
+
+    Why regions: the CLS of a frame with two objects mixes them into one vector, so which of them moved
+    or changed is hard to read back; a region's mean keeps what is where (docs/findings.md)."""
 
     def __init__(self, cfg: VisionConfig, device="cpu"):
         source = cfg.clip_pretrained
@@ -178,7 +194,13 @@ class FrameEncoder:
             _load_local_weights(model, source)
         self.tower = model.visual.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
-        self.dim = int(self.tower.output_dim)
+        self.regions = cfg.clip_regions
+        if self.regions:
+            if not hasattr(self.tower, "output_tokens") or not 1 <= self.regions <= MAX_REGIONS:
+                raise VisionWeightsError(f"clip_regions {self.regions}: needs a ViT tower and 1..{MAX_REGIONS} "
+                                         f"regions a side ({cfg.clip_model}: {type(self.tower).__name__})")
+            self.tower.output_tokens = True
+        self.dim = int(self.tower.output_dim) * (1 + self.regions ** 2)
         self.is_random = weights_are_random(source)
         self.cache_tag = encoder_cache_tag(cfg)
 
@@ -190,8 +212,19 @@ class FrameEncoder:
     @torch.no_grad()
     def encode_inputs(self, clip_inputs: torch.Tensor, batch: int = 256) -> torch.Tensor:
         """Clip inputs (T,3,S,S) → features (T, dim), in chunks of `batch` frames."""
-        chunks = [self.tower(clip_inputs[i:i + batch].to(self.device)) for i in range(0, len(clip_inputs), batch)]
+        chunks = [self.frame_features(clip_inputs[i:i + batch].to(self.device))
+                  for i in range(0, len(clip_inputs), batch)]
         return torch.cat(chunks).float()
+
+    def frame_features(self, clip_inputs: torch.Tensor) -> torch.Tensor:
+        """One batch of clip inputs → (B, dim): the CLS, then each region's mean (in the CLS's projected space)."""
+        if not self.regions:
+            return self.tower(clip_inputs)
+        pooled, tokens = self.tower(clip_inputs)
+        cells = region_means(tokens, self.regions)
+        if self.tower.proj is not None:
+            cells = cells @ self.tower.proj
+        return torch.cat([pooled[:, None], cells], dim=1).flatten(1)
 
     def encode(self, pixels: np.ndarray) -> torch.Tensor:
         """Pixels uint8 (T,H,W,3) → features (T, dim)."""
@@ -208,4 +241,5 @@ def encoder_cache_tag(cfg: VisionConfig) -> str:
                 digest.update(chunk)
         source = f"{Path(source).stem}-{digest.hexdigest()[:10]}"
     size = cfg.clip_image_size or "default"
-    return f"{cfg.clip_model}-{size}-{source or 'noweights'}".replace("/", "_")
+    regions = f"-r{cfg.clip_regions}" if cfg.clip_regions else ""
+    return f"{cfg.clip_model}-{size}-{source or 'noweights'}{regions}".replace("/", "_")

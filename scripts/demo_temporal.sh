@@ -29,6 +29,7 @@ FRAME_CAP=${FRAME_CAP:-128}     # at most this many frames per video (longer vid
 SEGMENT_SECONDS=${SEGMENT_SECONDS:-1}   # an appearance and a motion token per this many seconds of video...
 K=${K:-256}                     # ...at most this many visual tokens per video (0 s segments: exactly K)
 TIME_TEXT=${TIME_TEXT:-0}       # 1: the model's segments also follow their start second as text (" 37"; README)
+REGIONS=${REGIONS:-0}           # g > 0: each frame's feature also holds its patch tokens' means over a g x g grid (README)
 # --- training
 BS=${BS:-16}
 PRE_EPOCHS=${PRE_EPOCHS:-3}
@@ -44,7 +45,7 @@ OUT_DIR=${OUT_DIR:-out/temporal}
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
 SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE VOCAB CLIP_MODEL
-          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
+          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT REGIONS SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
           PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATIONS OUT_DIR DATA_DIR)
 
 cd "$(dirname "$0")/.."
@@ -95,7 +96,7 @@ step tokenizer python scripts/train_tokenizer.py --out "$TOKENIZER" --vocab_size
 make_tower
 
 # 4. CLIP features of the sampled frames (with their times), two parts side by side, then one manifest
-SAMPLING=(--frame_sampling fps --sample_fps "$SAMPLE_FPS" --num_frames "$FRAME_CAP")
+SAMPLING=(--frame_sampling fps --sample_fps "$SAMPLE_FPS" --num_frames "$FRAME_CAP" --clip_regions "$REGIONS")
 features_in_two_parts python scripts/extract_features.py --data "${SPLITS[@]}" "${TOWER_FLAGS[@]}" \
   --clip_pretrained "$VISION" "${SAMPLING[@]}" --world_size 2 --num_workers 1
 

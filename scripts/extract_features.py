@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--clip_model", default=VisionConfig.clip_model)
     p.add_argument("--clip_pretrained", default=VisionConfig.clip_pretrained)
     p.add_argument("--clip_image_size", type=int, default=VisionConfig.clip_image_size)
+    p.add_argument("--clip_regions", type=int, default=VisionConfig.clip_regions,
+                   help="0: each frame's CLS feature; g > 0: also its patch tokens averaged over a g x g grid")
     p.add_argument("--num_frames", type=int, default=VisionConfig.num_frames)
     p.add_argument("--frame_sampling", choices=SAMPLING_MODES, default=VisionConfig.frame_sampling,
                    help="uniform over the clip, or fps: --sample_fps a second, at most --num_frames")
@@ -109,7 +111,7 @@ def parse_args(argv=None):
 def vision_config(args) -> VisionConfig:
     """The encoder and frame sampling the flags describe; exits with one line if the sampling is invalid."""
     cfg = VisionConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                       clip_image_size=args.clip_image_size, num_frames=args.num_frames,
+                       clip_image_size=args.clip_image_size, clip_regions=args.clip_regions, num_frames=args.num_frames,
                        frame_sampling=args.frame_sampling, sample_fps=args.sample_fps)
     try:
         sampling_rate(cfg)

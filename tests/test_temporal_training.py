@@ -473,11 +473,37 @@ def test_time_text_without_time_segments_is_refused_in_one_line():
         build_summary(VisionConfig(timestamp_text=True))
 
 
-def test_time_text_without_time_segments_stops_training_with_one_line_not_a_traceback(suite):
+@pytest.mark.parametrize("flags, says", [(["--timestamp_text"], "needs segment_seconds"),
+                                         (["--clip_regions=-1"], "clip_regions must be 0..8")])
+def test_summary_settings_no_model_can_take_stop_training_with_one_line_not_a_traceback(suite, flags, says):
     from trainer.config import resolve_configs
     from trainer.cli import build_parser
     from trainer.errors import TrainingError
-    args = build_parser("pretrain", 1e-3, 1, 2).parse_args(["--data_path", str(suite / "pretrain.jsonl"),
-                                                            "--timestamp_text"])
-    with pytest.raises(TrainingError, match="needs segment_seconds"):
+    args = build_parser("pretrain", 1e-3, 1, 2).parse_args(["--data_path", str(suite / "pretrain.jsonl"), *flags])
+    with pytest.raises(TrainingError, match=says) as error:
         resolve_configs(args)
+    assert "\n" not in str(error.value)
+
+
+def test_a_region_model_trains_caches_and_answers_on_features_as_wide_as_its_regions_make_them(
+        suite, fresh_flags, frame_encoder, vision_file, tmp_path, monkeypatch, capsys):
+    """--clip_regions 2: the cache gets a folder of its own, the checkpoint keeps the setting, and a raw video
+    at chat time is encoded the same way (the 5-vector features reach the summary, no shape error)."""
+    extract = run_python("scripts/extract_features.py", "--data", suite / "sft_video.jsonl",
+                         f"--clip_model={CLIP_MODEL}", f"--clip_image_size={CLIP_SIZE}",
+                         f"--clip_pretrained={vision_file}",
+                         "--clip_regions=2", *SECONDS[2:5], "--num_workers=0")
+    ok(extract)
+    region_folders = [p for p in (suite / "features").iterdir() if "-r2-" in p.name]
+    assert len(region_folders) == 1
+    ok(run_python("train_sft.py", "--stage=video", f"--data_path={suite / 'sft_video.jsonl'}", *fresh_flags, *SECONDS,
+                  "--clip_regions=2", f"--out_dir={tmp_path}", "--save_name=regions"))
+    meta = vision_meta(tmp_path / "regions.safetensors")
+    assert meta["clip_regions"] == 2 and meta["clip_dim"] == 5 * frame_encoder.dim
+    assert FeatureCache(region_folders[0]).get(records(suite / "sft_video.jsonl")[0]["video"]).shape[-1] == \
+        meta["clip_dim"]
+    video = suite / records(suite / "test.jsonl")[0]["video"]
+    code, out, err = run_main(eval_script.main, monkeypatch, capsys,
+                              ["eval.py", f"--weight={tmp_path / 'regions.safetensors'}", f"--video={video}",
+                               "--prompt=When does it move?", "--max_new_tokens=2"])
+    assert code == 0 and "Traceback" not in err, err

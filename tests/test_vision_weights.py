@@ -1,5 +1,6 @@
 """Real vision weights offline: download_vision.py's errors and listing, local tower files, open_clip preprocessing."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import open_clip
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import download_vision
 from model.config import VisionConfig
-from model.vision import FrameEncoder, VisionWeightsError, create_clip, save_image_tower
+from model.vision import FrameEncoder, VisionWeightsError, create_clip, region_means, register_local_configs, save_image_tower
 
 from conftest import CLIP_MODEL, CLIP_SIZE
 
@@ -82,6 +83,7 @@ def test_bad_model_or_tag_is_refused_before_any_download(tmp_path, monkeypatch, 
 @pytest.fixture(scope="module")
 def tiny_clip():
     """A seeded tiny CLIP built with a tag-like preprocessing that differs from the architecture default."""
+    register_local_configs()   # ViT-Tiny-16 lives in model/vision_model/
     torch.manual_seed(1)
     model, _, preprocess = open_clip.create_model_and_transforms(
         CLIP_MODEL, force_image_size=CLIP_SIZE, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25),
@@ -169,3 +171,37 @@ def test_default_preprocess_crops_the_centre_of_a_wide_frame(frame_encoder):
 def test_hub_tag_with_the_wrong_activation_is_refused():
     with pytest.raises(VisionWeightsError, match="QuickGELU"):
         create_clip("ViT-B-32", pretrained_tag="openai")
+
+
+# ---------------------------------------------------------------- region features beside the CLS
+
+def test_region_means_average_each_cell_of_the_patch_grid_row_by_row():
+    grid = torch.arange(16.0).reshape(4, 4)   # patch (r, c) holds 4r + c
+    tokens = torch.stack([grid.flatten(), -grid.flatten()], dim=-1)[None]   # (1, 16 patches, 2)
+    cells = region_means(tokens, 2)
+    expected = torch.tensor([[2.5, 4.5], [10.5, 12.5]]).flatten()   # top left, top right, bottom left, bottom right
+    assert cells.shape == (1, 4, 2)
+    torch.testing.assert_close(cells[0, :, 0], expected)
+    torch.testing.assert_close(cells[0, :, 1], -expected)
+
+
+def test_region_features_are_the_cls_then_each_regions_projected_patch_mean(tiny_clip, tower_file):
+    model = tiny_clip[0]
+    plain, regional = FrameEncoder(tiny_cfg(tower_file)), FrameEncoder(replace(tiny_cfg(tower_file), clip_regions=2))
+    frames = noise_frames(*NON_SQUARE[0])
+    features = regional.encode(frames)
+    width = model.visual.output_dim
+    assert regional.dim == 5 * width and features.shape == (2, 5 * width)
+    torch.testing.assert_close(features[:, :width], plain.encode(frames))
+    with torch.no_grad():   # the tiny tower at 32 px has 2 x 2 patches: each region is one patch
+        x = plain.clip_inputs(frames)
+        tokens = model.visual.ln_post(model.visual.transformer(model.visual._embeds(x)))[:, 1:]
+    torch.testing.assert_close(features[:, width:].reshape(2, 4, width), tokens @ model.visual.proj,
+                               rtol=1e-5, atol=1e-5)
+    assert regional.cache_tag != plain.cache_tag   # the cache keeps the two kinds apart
+
+
+def test_more_regions_than_patches_is_refused_in_one_line(tower_file):
+    with pytest.raises(VisionWeightsError) as error:
+        FrameEncoder(replace(tiny_cfg(tower_file), clip_regions=3)).encode(noise_frames(40, 40))
+    assert "clip_regions 3" in str(error.value) and "\n" not in str(error.value)

@@ -89,6 +89,9 @@ def add_architecture_flags(p):
       help="with --segment_seconds: write each time segment's start second as text before its two tokens "
            "(' 37'), which the LM can copy into the times it answers")
     a("--clip_pretrained", default=None, help="open_clip pretrained tag or local weights file")
+    a("--clip_regions", type=int, default=None,
+      help="0 (default): a frame is its CLS feature; g > 0: also its patch tokens averaged over a g x g grid, "
+           "side by side (the feature cache keeps the two kinds apart)")
     a("--frame_sampling", choices=SAMPLING_MODES, default=None,
       help="video frames: uniform over the clip (default), or fps: --sample_fps a second, at most --num_frames")
     a("--sample_fps", type=float, default=None, help="frames a second for --frame_sampling fps")
