@@ -96,13 +96,14 @@ step tokenizer python scripts/train_tokenizer.py --out "$TOKENIZER" --vocab_size
 make_tower
 
 # 4. CLIP features of the sampled frames (with their times), two parts side by side, then one manifest
-SAMPLING=(--frame_sampling fps --sample_fps "$SAMPLE_FPS" --num_frames "$FRAME_CAP" --clip_regions "$REGIONS")
+# how frames are sampled and what the tower gives of each: the same flags for the features and the model
+FRAME_FLAGS=(--frame_sampling fps --sample_fps "$SAMPLE_FPS" --num_frames "$FRAME_CAP" --clip_regions "$REGIONS")
 features_in_two_parts python scripts/extract_features.py --data "${SPLITS[@]}" "${TOWER_FLAGS[@]}" \
-  --clip_pretrained "$VISION" "${SAMPLING[@]}" --world_size 2 --num_workers 1
+  --clip_pretrained "$VISION" "${FRAME_FLAGS[@]}" --world_size 2 --num_workers 1
 
 # 5-6. pretrain + video SFT + eval, for the model or an ablation
 COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER" --max_len 768)   # time text makes the longest ~540 tokens
-ARCH=("${LM_FLAGS[@]}" "${SAMPLING[@]}" --num_visual_tokens "$K" --segment_seconds "$SEGMENT_SECONDS" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
+ARCH=("${LM_FLAGS[@]}" "${FRAME_FLAGS[@]}" --num_visual_tokens "$K" --segment_seconds "$SEGMENT_SECONDS" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>) or an ablation (<stage>_<DIM>_NAME)
   local name=$1 sfx="" summary

@@ -34,8 +34,9 @@ SEED, N_VIDEOS, N_TEST = 0, 6, 3
 SETTINGS = dict(fps=4, size=32, min_seconds=4, max_seconds=8, test_max_seconds=8)
 SAMPLE_FPS, CAP = 1.0, 8   # 1 frame a second, at most 8: the 4-8 s clips give 5-9 frames (9: spread evenly)
 # The model reads each frame's time in seconds; frames are sampled by the clock (later flags win, argparse).
-SECONDS = ["--summary=temporal", "--time_encoding=seconds", "--frame_sampling=fps", f"--sample_fps={SAMPLE_FPS:g}",
-           f"--num_frames={CAP}", "--segment_seconds=2", "--num_visual_tokens=8"]   # 2-8 visual tokens per clip
+SAMPLING = ["--frame_sampling=fps", f"--sample_fps={SAMPLE_FPS:g}", f"--num_frames={CAP}"]
+SECONDS = ["--summary=temporal", "--time_encoding=seconds", *SAMPLING,
+           "--segment_seconds=2", "--num_visual_tokens=8"]   # 2-8 visual tokens per clip
 NAME = "sft_video_32"
 N_TRAIN = 7   # records of sft_video.jsonl trained on: 7 over 2 ranks × batch 2 leaves rank 1 a padding slot
 
@@ -492,7 +493,7 @@ def test_a_region_model_trains_caches_and_answers_on_features_as_wide_as_its_reg
     extract = run_python("scripts/extract_features.py", "--data", suite / "sft_video.jsonl",
                          f"--clip_model={CLIP_MODEL}", f"--clip_image_size={CLIP_SIZE}",
                          f"--clip_pretrained={vision_file}",
-                         "--clip_regions=2", *SECONDS[2:5], "--num_workers=0")
+                         "--clip_regions=2", *SAMPLING, "--num_workers=0")
     ok(extract)
     region_folders = [p for p in (suite / "features").iterdir() if "-r2-" in p.name]
     assert len(region_folders) == 1
