@@ -161,14 +161,16 @@ CATEGORIES = ("order", "count", "speed", "grounding", "needle_what", "needle_whe
 
 @dataclass(frozen=True)
 class Settings:
-    """How the videos are made: frames a second, frame side in pixels, the seconds a training video
-    lasts (min to max) and a test video at most, and the encoder."""
+    """How the suite is made: frames a second, frame side in pixels, the seconds a training video
+    lasts (min to max) and a test video at most, the encoder, and how many order questions of each
+    form a training conversation asks (where the video allows that many)."""
     fps: int = 4
     size: int = 64
     min_seconds: float = 4.0
     max_seconds: float = 60.0          # training videos; test videos go on to test_max_seconds
     test_max_seconds: float = 120.0
     codec: str = "libx264"
+    order_questions: int = 1
 
 
 @dataclass(frozen=True)
@@ -864,12 +866,23 @@ def pair_record_question(scene: Scene, original: Scene, draw) -> Question:
     return pair_question(scene, keys[int(draw[0] * len(keys))])
 
 
-def training_records(seed: int, index: int, scene: Scene, original: Scene) -> tuple:
+def training_questions(options: dict, rng, order_questions: int) -> list:
+    """One question of each form, or up to order_questions distinct ones of each order form."""
+    questions = []
+    for form, candidates in options.items():
+        if order_questions > 1 and PHRASINGS[form]["category"] == "order":
+            questions += [candidates[i] for i in sorted(rng.permutation(len(candidates))[:order_questions])]
+        else:
+            questions.append(pick(rng, candidates))
+    return questions
+
+
+def training_records(seed: int, index: int, scene: Scene, original: Scene, order_questions: int = 1) -> tuple:
     """The caption sample and the one multi-question conversation of a training video."""
     rng = text_rng(seed, STREAM_TRAIN_TEXT, index, scene is not original)
     prompt = pick(rng, CAPTION_PROMPTS)
     pretrain = base_record(f"{scene.name}-cap", scene, [(prompt, caption(scene))], "caption")
-    questions = [pick(rng, options) for options in question_options(scene, rng).values()]
+    questions = training_questions(question_options(scene, rng), rng, order_questions)
     units = [question_turns(q, rng, "seen") for q in questions]
     extra = []
     if original.pair:
@@ -961,10 +974,11 @@ def plan_dataset(seed, n_videos, n_test, settings: Settings) -> tuple:
             test_videos(seed, n_test, settings, allowed, held_out))
 
 
-def build_splits(seed, train, test) -> dict:
+def build_splits(seed, train, test, order_questions: int = 1) -> dict:
     pretrain, sft_video, test_lines = [], [], []
     for video in train:
-        caption_record, conversation_record = training_records(seed, video.index, video.scene, video.original)
+        caption_record, conversation_record = training_records(seed, video.index, video.scene, video.original,
+                                                               order_questions)
         pretrain.append(caption_record)
         sft_video.append(conversation_record)
     for video in test:
@@ -990,7 +1004,8 @@ def build_meta(seed, held_out, train, test, splits, settings: Settings) -> dict:
         "seed": seed,
         "settings": {"fps": settings.fps, "size": settings.size, "min_seconds": settings.min_seconds,
                      "max_seconds": settings.max_seconds, "test_max_seconds": settings.test_max_seconds,
-                     "codec": settings.codec, "object_diameter": round(OBJECT_FRACTION * settings.size, 3)},
+                     "codec": settings.codec, "order_questions": settings.order_questions,
+                     "object_diameter": round(OBJECT_FRACTION * settings.size, 3)},
         "counts": {
             "train_videos": len(train), "test_videos": len(test),
             "pairs": tally(v.scene.pair for v in train + test if v.scene.pair and v.scene.source is None),
@@ -1015,7 +1030,7 @@ def generate(out_dir, n_videos, n_test, seed, settings: Settings | None = None, 
     settings = settings or Settings(codec=pick_codec())
     held_out, train, test = plan_dataset(seed, n_videos, n_test, settings)
     write_all_videos(out_dir, [v.scene for v in train + test], settings, workers)
-    splits = build_splits(seed, train, test)
+    splits = build_splits(seed, train, test, settings.order_questions)
     meta = build_meta(seed, held_out, train, test, splits, settings)   # takes the bookkeeping out of the records
     for name, records in splits.items():
         write_jsonl(out_dir / f"{name}.jsonl", records)

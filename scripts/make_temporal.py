@@ -25,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_max_seconds", type=positive_seconds, default=None, help="default: 2 * --max_seconds")
     parser.add_argument("--fps", type=int_at_least(1), default=4)
     parser.add_argument("--size", type=even_size, default=64, help="frame side in pixels")
+    parser.add_argument("--order_questions", type=int_at_least(1), default=1,
+                        help="order questions of each form (after, before, which first) per training conversation")
     parser.add_argument("--workers", type=int_at_least(1), default=2)
     args = parser.parse_args(argv)
     args.test_max_seconds = args.test_max_seconds or 2 * args.max_seconds
@@ -36,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
-    settings = Settings(args.fps, args.size, args.min_seconds, args.max_seconds, args.test_max_seconds, pick_codec())
+    settings = Settings(args.fps, args.size, args.min_seconds, args.max_seconds, args.test_max_seconds, pick_codec(),
+                        args.order_questions)
     meta = generate(args.out, args.n_videos, args.n_test, args.seed, settings, args.workers)
     counts = meta["counts"]
     print(f"wrote {counts['train_videos']} train / {counts['test_videos']} test videos, "

@@ -292,3 +292,24 @@ def test_held_out_wordings_recombine_words_of_the_seen_ones():
         assert not set(form["seen"]) & set(form["held_out"]), name
         for template in form["held_out"]:
             assert words(template) <= seen, (name, template, words(template) - seen)
+
+
+def test_more_order_questions_add_distinct_ones_and_leave_the_rest_alone():
+    settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
+    _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
+    one, three = st.build_splits(SEED, train, test, 1), st.build_splits(SEED, train, test, 3)
+    assert one["test"] == three["test"] and one["pretrain"] == three["pretrain"]
+    added = 0
+    for plain, more in zip(one["sft_video"], three["sft_video"]):
+        plain_counts, more_counts = st.tally(plain["_categories"]), st.tally(more["_categories"])
+        added += more_counts.pop("order", 0) - plain_counts.pop("order", 0)
+        assert more_counts == plain_counts
+    assert added > 0
+    for video in train:
+        options = st.question_options(video.scene, np.random.default_rng(0))
+        questions = st.training_questions(options, np.random.default_rng(1), 3)
+        for form, candidates in options.items():
+            chosen = [q for q in questions if q.form == form]
+            wanted = min(3, len(candidates)) if st.PHRASINGS[form]["category"] == "order" else 1
+            assert len(chosen) == wanted and all(q in candidates for q in chosen), form
+            assert len({(q.form, tuple(q.fills.items()), q.answer) for q in chosen}) == wanted, form
