@@ -3,7 +3,7 @@
 #   the synthetic temporal suite (timed events on long low-fps clips) → tokenizer → the seeded
 #   RANDOM open_clip tower of scripts/demo.sh → CLIP features of frames sampled at SAMPLE_FPS a
 #   second (at most FRAME_CAP), two visual tokens per SEGMENT_SECONDS → pretrain (captions with times) → video SFT → eval, the model with
-#   absolute-time embeddings (--time_encoding seconds); beside it, in a second lane, the same two
+#   absolute-time embeddings (--time_encoding seconds); beside it, each in a lane of its own, the same two
 #   stages and eval for each ablation: `mean` (frame average) and `no_time` (temporal summary without
 #   any time embedding: the tokens' order is all it has) → out/temporal/report.md, out/temporal/metrics.json (+ PNGs).
 # There is no image stage: the temporal suite has no images.
@@ -15,7 +15,7 @@ set -euo pipefail
 
 # ============================ settings (env-overridable) =============================
 # --- data (scripts/make_temporal.py; pair members come on top of the counts)
-N_VIDEOS=${N_VIDEOS:-1000}      # training videos
+N_VIDEOS=${N_VIDEOS:-3000}      # training videos
 N_TEST=${N_TEST:-100}           # test videos
 SEED=${SEED:-0}                 # dataset seed
 MIN_SECONDS=${MIN_SECONDS:-4}   # shortest clip
@@ -23,6 +23,7 @@ MAX_SECONDS=${MAX_SECONDS:-60}  # longest training clip
 TEST_MAX_SECONDS=${TEST_MAX_SECONDS:-$(( 2 * ${MAX_SECONDS%.*} ))}   # longest test clip (longer than any seen)
 VIDEO_FPS=${VIDEO_FPS:-4}       # frames a second in the files
 VIDEO_SIZE=${VIDEO_SIZE:-64}    # frame side in pixels
+ORDER_QUESTIONS=${ORDER_QUESTIONS:-1}   # order questions of each form per training conversation (README)
 # --- the visual path
 SAMPLE_FPS=${SAMPLE_FPS:-1}     # frames sampled a second of video
 FRAME_CAP=${FRAME_CAP:-128}     # at most this many frames per video (longer videos: spread evenly)
@@ -30,12 +31,13 @@ SEGMENT_SECONDS=${SEGMENT_SECONDS:-1}   # an appearance and a motion token per t
 K=${K:-256}                     # ...at most this many visual tokens per video (0 s segments: exactly K)
 TIME_TEXT=${TIME_TEXT:-0}       # 1: the model's segments also follow their start second as text (" 37"; README)
 REGIONS=${REGIONS:-0}           # g > 0: each frame's feature also holds its patch tokens' means over a g x g grid (README)
+CLIP_SIZE=${CLIP_SIZE:-64}      # the tower's input side: the videos' own (scripts/demo.sh: 128; README)
 # --- training
-BS=${BS:-16}
-PRE_EPOCHS=${PRE_EPOCHS:-3}
-VID_EPOCHS=${VID_EPOCHS:-8}
+BS=${BS:-8}                     # more, smaller steps: the suite underfits (README)
+PRE_EPOCHS=${PRE_EPOCHS:-2}
+VID_EPOCHS=${VID_EPOCHS:-3}
 LAYERS=${LAYERS:-4}             # the LM's depth (scripts/demo.sh: 2); 4 fit the suite's questions better (README)
-# --- shared with scripts/demo.sh (scripts/lib/demo_parts.sh; the same random tower file): CLIP_MODEL CLIP_SIZE
+# --- shared with scripts/demo.sh (scripts/lib/demo_parts.sh; the same random tower at CLIP_SIZE): CLIP_MODEL
 #     VISION_SEED SUMMARY_DIM VOCAB DIM HEADS KV PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS
 # --- switches
 ABLATIONS=${ABLATIONS-mean no_time}     # space-separated, any of: mean no_time ("" runs the model alone)
@@ -44,7 +46,7 @@ FRESH_DATA=${FRESH_DATA:-1}     # 0: keep the data folder (and its features) if 
 OUT_DIR=${OUT_DIR:-out/temporal}
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
-SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE VOCAB CLIP_MODEL
+SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE ORDER_QUESTIONS VOCAB CLIP_MODEL
           CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT REGIONS SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
           PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATIONS OUT_DIR DATA_DIR)
 
@@ -76,7 +78,7 @@ write_settings "${SETTINGS[@]}"
 # 1. data (kept with FRESH_DATA=0 only if made by the very same command; else remade, features included)
 MAKE_DATA=(python scripts/make_temporal.py --out "$DATA" --n_videos "$N_VIDEOS" --n_test "$N_TEST" --seed "$SEED"
   --min_seconds "$MIN_SECONDS" --max_seconds "$MAX_SECONDS" --test_max_seconds "$TEST_MAX_SECONDS"
-  --fps "$VIDEO_FPS" --size "$VIDEO_SIZE")
+  --fps "$VIDEO_FPS" --size "$VIDEO_SIZE" --order_questions "$ORDER_QUESTIONS")
 if [ "$FRESH_DATA" = 0 ] && [ -f "$DATA/meta.json" ] && [ "$(cat "$DATA/.made_by" 2>/dev/null)" = "${MAKE_DATA[*]}" ]; then
   echo "==> [data] keeping $DATA (made by the same command; FRESH_DATA=0)"
 else
@@ -117,15 +119,12 @@ pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>
     --out "$OUT/preds_${name}.jsonl" --metrics_out "$OUT/metrics_${name}.json"
 }
 
-ablations() {   # every ablation, one after another (the second lane)
-  local name
-  for name in $ABLATIONS; do pipeline "$name"; done
-}
-
 rm -f "$OUT"/preds_*.jsonl "$OUT"/metrics_*.json   # never report a stale model or ablation
 if [ -n "${ABLATIONS// /}" ]; then
+  read -r -a ablation_names <<< "$ABLATIONS"
+  share_cores $(( 1 + ${#ablation_names[@]} ))   # one lane each, all at once: no core idles at the end (README)
   lane train model pipeline temporal
-  lane train ablations ablations
+  for name in "${ablation_names[@]}"; do lane train "$name" pipeline "$name"; done
   join_lanes train
 else
   pipeline temporal

@@ -158,6 +158,7 @@ def test_demo_temporal_end_to_end_at_toy_sizes(tmp_path):
                  "eval_no_time", "report", "total"):
         assert name in times, name
     assert "sft_image" not in times and (out / "timeline.png").is_file() and (out / "report.md").is_file()
+    assert {times["lanes"][f"eval{s}"] for s in ("", "_mean", "_no_time")} == {"train:model", "train:mean", "train:no_time"}
 
 
 def test_demo_temporal_rejects_an_unknown_ablation(tmp_path):

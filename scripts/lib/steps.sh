@@ -1,5 +1,5 @@
 # Step bookkeeping shared by the offline demos (sourced by scripts/demo.sh and scripts/demo_temporal.sh):
-# each step's wall-clock seconds and peak RSS, two lanes side by side on half the cores each, and
+# each step's wall-clock seconds and peak RSS, lanes side by side sharing the cores (share_cores), and
 # the json files the report cards read. Call steps_init DIR once; everything is written under DIR:
 #   DIR/demo_times.json {step: seconds, "total", "peak_rss_gb", "lanes"}, DIR/demo_rss.json {step: GB},
 #   DIR/demo_settings.json (write_settings NAME...).
@@ -20,10 +20,7 @@ steps_init() {   # steps_init DIR: start the clock, pick the lane thread count a
   : > "$STEPS_TSV"
   START=$(now)
   CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2)
-  LANE_THREADS=$(( CORES >= 4 ? CORES / 2 : 1 ))   # torch threads per lane when two lanes run at once,
-  if [ -n "${OMP_NUM_THREADS:-}" ] && [ "$OMP_NUM_THREADS" -lt "$LANE_THREADS" ]; then
-    LANE_THREADS=$OMP_NUM_THREADS                   # never more than the caller allows
-  fi
+  share_cores 2
   LANE=-                                            # the lane of the steps being run ("-": alone)
   LANE_PIDS=()
   # /usr/bin/time -v gives each step's peak resident memory (package `time`); optional.
@@ -32,6 +29,13 @@ steps_init() {   # steps_init DIR: start the clock, pick the lane thread count a
   else
     TIMER=()
     echo "note: /usr/bin/time not found (apt package 'time'): peak memory is not recorded" >&2
+  fi
+}
+
+share_cores() {   # share_cores N: torch threads per lane while N lanes run at once (at least 1)
+  LANE_THREADS=$(( CORES / $1 > 1 ? CORES / $1 : 1 ))
+  if [ -n "${OMP_NUM_THREADS:-}" ] && [ "$OMP_NUM_THREADS" -lt "$LANE_THREADS" ]; then
+    LANE_THREADS=$OMP_NUM_THREADS                   # never more than the caller allows
   fi
 }
 
