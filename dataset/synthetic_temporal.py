@@ -71,6 +71,7 @@ PAIR_PROBABILITIES = (("reversed", 0.2), ("sped_up", 0.2))
 HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 HELD_OUT_PHRASING_PROBABILITY = 0.5
+CAPTION_SFT_SHARE = 0.25   # training conversations that also ask for the caption: SFT keeps "describe it"
 MAX_SCENE_TRIES = 500
 LENGTHEN_EVERY = 50   # failed draws before a scene gets one grid step longer
 # A constant quantiser: x264's crf mode gives slightly different pixels from run to run.
@@ -882,6 +883,7 @@ def training_records(seed: int, index: int, scene: Scene, original: Scene, order
     rng = text_rng(seed, STREAM_TRAIN_TEXT, index, scene is not original)
     prompt = pick(rng, CAPTION_PROMPTS)
     pretrain = base_record(f"{scene.name}-cap", scene, [(prompt, caption(scene))], "caption")
+    described, described_prompt = rng.random() < CAPTION_SFT_SHARE, pick(rng, CAPTION_PROMPTS)
     questions = training_questions(question_options(scene, rng), rng, order_questions)
     units = [question_turns(q, rng, "seen") for q in questions]
     extra = []
@@ -889,9 +891,12 @@ def training_records(seed: int, index: int, scene: Scene, original: Scene, order
         draw = pair_draw(seed, STREAM_TRAIN_TEXT, index)
         extra = [pair_record_question(scene, original, draw)]
         units.append(question_turns(extra[0], np.random.default_rng(draw[2]), "seen"))
+    if described:
+        units.append([(described_prompt, caption(scene))])
     units = [units[i] for i in rng.permutation(len(units))]
     sft = base_record(f"{scene.name}-multi", scene, [pair for unit in units for pair in unit], "multi")
-    sft["_categories"] = [PHRASINGS[form]["category"] for q in questions + extra for form in forms_asked(q)]
+    sft["_categories"] = ([PHRASINGS[form]["category"] for q in questions + extra for form in forms_asked(q)]
+                          + ["caption"] * described)
     return pretrain, sft
 
 

@@ -313,3 +313,17 @@ def test_more_order_questions_add_distinct_ones_and_leave_the_rest_alone():
             wanted = min(3, len(candidates)) if st.PHRASINGS[form]["category"] == "order" else 1
             assert len(chosen) == wanted and all(q in candidates for q in chosen), form
             assert len({(q.form, tuple(q.fills.items()), q.answer) for q in chosen}) == wanted, form
+
+
+def test_some_training_conversations_also_ask_for_the_caption(suite):
+    out, meta, _, _ = suite
+    captions = {r["video"]: r["conversations"][1]["content"] for r in read_jsonl(out / "pretrain.jsonl")}
+    described = 0
+    for record in read_jsonl(out / "sft_video.jsonl"):
+        turns = record["conversations"]
+        asked = [i for i in range(0, len(turns), 2) if turns[i]["content"].split("\n")[-1] in st.CAPTION_PROMPTS]
+        assert len(asked) <= 1
+        if asked:
+            assert turns[asked[0] + 1]["content"] == captions[record["video"]]
+            described += 1
+    assert 0 < described < len(captions) and meta["sft_questions_by_category"]["caption"] == described
