@@ -868,7 +868,8 @@ def pair_record_question(scene: Scene, original: Scene, draw) -> Question:
 
 
 def training_questions(options: dict, rng, order_questions: int) -> list:
-    """One question of each form, or up to order_questions distinct ones of each order form."""
+    """One question of each form, or up to order_questions distinct ones of each order form
+    (at 1, every form goes through pick, so the default data keeps its random draws)."""
     questions = []
     for form, candidates in options.items():
         if order_questions > 1 and PHRASINGS[form]["category"] == "order":

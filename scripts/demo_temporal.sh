@@ -68,7 +68,8 @@ summary_flags() {   # summary_flags NAME: the VideoSummary flags of the model ("
     *) return 1 ;;
   esac
 }
-for name in $ABLATIONS; do
+read -r -a ablation_names <<< "$ABLATIONS"
+for name in ${ablation_names[@]+"${ablation_names[@]}"}; do
   summary_flags "$name" > /dev/null || { echo "error: ABLATIONS: unknown ablation '$name' (known: mean no_time)" >&2; exit 2; }
 done
 
@@ -120,8 +121,7 @@ pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>
 }
 
 rm -f "$OUT"/preds_*.jsonl "$OUT"/metrics_*.json   # never report a stale model or ablation
-if [ -n "${ABLATIONS// /}" ]; then
-  read -r -a ablation_names <<< "$ABLATIONS"
+if [ ${#ablation_names[@]} -gt 0 ]; then
   share_cores $(( 1 + ${#ablation_names[@]} ))   # one lane each, all at once: no core idles at the end (README)
   lane train model pipeline temporal
   for name in "${ablation_names[@]}"; do lane train "$name" pipeline "$name"; done
