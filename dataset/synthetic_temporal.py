@@ -1038,6 +1038,7 @@ def generate(out_dir, n_videos, n_test, seed, settings: Settings | None = None, 
     write_all_videos(out_dir, [v.scene for v in train + test], settings, workers)
     splits = build_splits(seed, train, test, settings.order_questions)
     meta = build_meta(seed, held_out, train, test, splits, settings)   # takes the bookkeeping out of the records
+    meta["plan"] = {"n_videos": n_videos, "n_test": n_test}   # with seed and settings: plan_dataset again
     for name, records in splits.items():
         write_jsonl(out_dir / f"{name}.jsonl", records)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")

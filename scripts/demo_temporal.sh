@@ -6,7 +6,8 @@
 #   absolute-time embeddings (--time_encoding seconds); beside it, each in a lane of its own, the same two
 #   stages and eval for each ablation: `mean` (frame average) and `no_time` (temporal summary without
 #   any time embedding: the tokens' order is all it has) → out/temporal/report.md, out/temporal/metrics.json (+ PNGs).
-# There is no image stage: the temporal suite has no images.
+# There is no image stage: the temporal suite has no images. ORACLE=1 trains and scores on each sampled
+# frame's true scene state instead of its CLIP features (scripts/oracle_features.py): everything but perception.
 # Step times and peak memory go to out/temporal/demo_times.json, the settings to out/temporal/demo_settings.json.
 #
 #   bash scripts/demo_temporal.sh
@@ -32,6 +33,7 @@ K=${K:-256}                     # ...at most this many visual tokens per video (
 TIME_TEXT=${TIME_TEXT:-0}       # 1: the model's segments also follow their start second as text (" 37"; README)
 REGIONS=${REGIONS:-0}           # g > 0: each frame's feature also holds its patch tokens' means over a g x g grid (README)
 CLIP_SIZE=${CLIP_SIZE:-64}      # the tower's input side: the videos' own (scripts/demo.sh: 128; README)
+ORACLE=${ORACLE:-0}             # 1: train and score on each frame's true scene state, not the tower's features (README)
 # --- training
 BS=${BS:-8}                     # more, smaller steps: the suite underfits (README)
 PRE_EPOCHS=${PRE_EPOCHS:-2}
@@ -43,11 +45,11 @@ LAYERS=${LAYERS:-4}             # the LM's depth (scripts/demo.sh: 2); 4 fit the
 ABLATIONS=${ABLATIONS-mean no_time}     # space-separated, any of: mean no_time ("" runs the model alone)
 FRESH_DATA=${FRESH_DATA:-1}     # 0: keep the data folder (and its features) if made with the same settings
 # --- where things go (checkpoints, logs, tokenizer and the report under OUT_DIR; the tower as in demo.sh)
-OUT_DIR=${OUT_DIR:-out/temporal}
+OUT_DIR=${OUT_DIR:-out/temporal$([ "$ORACLE" = 1 ] && echo _oracle)}
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
 SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE ORDER_QUESTIONS VOCAB CLIP_MODEL
-          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT REGIONS SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
+          CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT REGIONS ORACLE SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
           PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATIONS OUT_DIR DATA_DIR)
 
 cd "$(dirname "$0")/.."
@@ -104,8 +106,18 @@ FRAME_FLAGS=(--frame_sampling fps --sample_fps "$SAMPLE_FPS" --num_frames "$FRAM
 features_in_two_parts python scripts/extract_features.py --data "${SPLITS[@]}" "${TOWER_FLAGS[@]}" \
   --clip_pretrained "$VISION" "${FRAME_FLAGS[@]}" --world_size 2 --num_workers 1
 
+# 4b. ORACLE=1: the true state of each frame the cache holds, at its times and width, read instead of it
+FEATURE_FLAGS=()
+if [ "$ORACLE" = 1 ]; then
+  clip_caches=("$DATA/features/${CLIP_MODEL}-${CLIP_SIZE}-$(basename "$VISION" .safetensors)-"??????????"$([ "$REGIONS" = 0 ] || echo "-r$REGIONS")-f${FRAME_CAP}-fps${SAMPLE_FPS}")
+  [ ${#clip_caches[@]} = 1 ] && [ -d "${clip_caches[0]}" ] || { echo "error: ORACLE=1: no single CLIP cache in $DATA/features to match" >&2; exit 2; }
+  rm -rf "$DATA/features/oracle"
+  step oracle python scripts/oracle_features.py --data "$DATA" --clip_features "${clip_caches[0]}" --out "$DATA/features/oracle"
+  FEATURE_FLAGS=(--feature_dir "$DATA/features/oracle")
+fi
+
 # 5-6. pretrain + video SFT + eval, for the model or an ablation
-COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER" --max_len 768)   # time text makes the longest ~540 tokens
+COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER" --max_len 768 ${FEATURE_FLAGS[@]+"${FEATURE_FLAGS[@]}"})   # time text makes the longest ~540 tokens
 ARCH=("${LM_FLAGS[@]}" "${FRAME_FLAGS[@]}" --num_visual_tokens "$K" --segment_seconds "$SEGMENT_SECONDS" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>) or an ablation (<stage>_<DIM>_NAME)
@@ -117,7 +129,7 @@ pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>
   train_step "sft_video$sfx" "$VID_EPOCHS" "$SFT_LR" "sft_video_${DIM}${sfx}" \
     python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" --from_weight "pretrain_vlm_${DIM}${sfx}"
   step "eval$sfx" python eval.py --out_dir "$OUT" --weight "sft_video_${DIM}${sfx}" --data_path "$DATA/test.jsonl" \
-    --out "$OUT/preds_${name}.jsonl" --metrics_out "$OUT/metrics_${name}.json"
+    --out "$OUT/preds_${name}.jsonl" --metrics_out "$OUT/metrics_${name}.json" ${FEATURE_FLAGS[@]+"${FEATURE_FLAGS[@]}"}
 }
 
 rm -f "$OUT"/preds_*.jsonl "$OUT"/metrics_*.json   # never report a stale model or ablation

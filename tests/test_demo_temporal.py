@@ -12,6 +12,9 @@ from model.vision import save_random_tower
 from model.vlm import VideoLLM
 
 RUNS = {"temporal": 2, "mean": 3, "no_time": 4}   # run name → every n-th answer is right
+TOY = {"N_VIDEOS": "6", "N_TEST": "3", "MAX_SECONDS": "8", "VIDEO_SIZE": "32", "CLIP_MODEL": "ViT-Tiny-16",
+       "CLIP_SIZE": "32", "FRAME_CAP": "8", "K": "2", "DIM": "32", "SUMMARY_DIM": "32", "LAYERS": "1",
+       "VOCAB": "512", "BS": "8", "PRE_EPOCHS": "1", "VID_EPOCHS": "1"}   # demo settings for a run of seconds
 
 
 def fabricated_preds(right_every):
@@ -144,10 +147,8 @@ def test_timeline_rows_are_span_questions_one_per_video_taking_turns():
 def test_demo_temporal_end_to_end_at_toy_sizes(tmp_path):
     """The whole script at toy sizes (tiny tower, a few short clips): every step runs and the card comes out."""
     out, data = tmp_path / "out", tmp_path / "data"
-    env = {**os.environ, "N_VIDEOS": "6", "N_TEST": "3", "MAX_SECONDS": "8", "VIDEO_SIZE": "32",
-           "CLIP_MODEL": "ViT-Tiny-16", "CLIP_SIZE": "32", "FRAME_CAP": "8", "K": "2", "DIM": "32",
-           "SUMMARY_DIM": "32", "LAYERS": "1", "VOCAB": "512", "BS": "8", "PRE_EPOCHS": "1", "VID_EPOCHS": "1",
-           "OUT_DIR": str(out), "DATA_DIR": str(data), "TOWER_FILE": str(tmp_path / "tower.safetensors")}
+    env = {**os.environ, **TOY, "OUT_DIR": str(out), "DATA_DIR": str(data),
+           "TOWER_FILE": str(tmp_path / "tower.safetensors")}
     run = subprocess.run(["bash", "scripts/demo_temporal.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -159,6 +160,23 @@ def test_demo_temporal_end_to_end_at_toy_sizes(tmp_path):
         assert name in times, name
     assert "sft_image" not in times and (out / "timeline.png").is_file() and (out / "report.md").is_file()
     assert {times["lanes"][f"eval{s}"] for s in ("", "_mean", "_no_time")} == {"train:model", "train:mean", "train:no_time"}
+
+
+def test_demo_temporal_with_oracle_features_trains_and_scores_on_them(tmp_path):
+    """ORACLE=1 at toy sizes: the true scene state is cached beside the CLIP features, and both stages and
+    eval read it (--feature_dir), while the CLIP cache is still made for its frame times."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    env = {**os.environ, **TOY, "ORACLE": "1", "ABLATIONS": "", "OUT_DIR": str(out), "DATA_DIR": str(data),
+           "TOWER_FILE": str(tmp_path / "tower.safetensors")}
+    run = subprocess.run(["bash", "scripts/demo_temporal.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    oracle = data / "features" / "oracle"
+    commands = {line.split("] ", 1)[0]: line for line in run.stdout.splitlines() if line.startswith("==> [")}
+    for name in ("pretrain", "sft_video", "eval"):
+        assert f"--feature_dir {oracle}" in commands[f"==> [{name}"], name
+    assert (oracle / "manifest.json").is_file() and "oracle" in json.loads((out / "demo_times.json").read_text())
+    assert json.loads((out / "metrics.json").read_text())["n"] > 0
 
 
 def test_demo_temporal_rejects_an_unknown_ablation(tmp_path):
