@@ -17,7 +17,7 @@ from dataset.synthetic_temporal import Settings, plan_dataset, video_path
 from test_temporal_training import N_TEST, N_VIDEOS, SEED, SETTINGS, suite, temporal_cache  # noqa: F401 (fixtures)
 
 
-def planned(root) -> dict:
+def planned() -> dict:
     _, train, test = plan_dataset(SEED, N_VIDEOS, N_TEST, Settings(**SETTINGS))
     return {video_path(v.scene): v.scene for v in train + test}
 
@@ -29,7 +29,7 @@ def decoded(root, key, times) -> np.ndarray:
 
 
 def test_the_state_says_what_the_decoded_frames_show_pair_members_included(suite, temporal_cache):
-    cache, scenes, size = FeatureCache(temporal_cache), planned(suite), SETTINGS["size"]
+    cache, scenes, size = FeatureCache(temporal_cache), planned(), SETTINGS["size"]
     assert set(cache.index) <= set(scenes) and any(s.source is not None for s in scenes.values())
     checked = 0
     for key in sorted(cache.index):
@@ -54,7 +54,7 @@ def test_the_script_writes_every_cached_media_at_its_times_and_width_and_the_sta
         suite, temporal_cache, tmp_path):
     out = tmp_path / "oracle"
     oracle_features.main(["--data", str(suite), "--clip_features", str(temporal_cache), "--out", str(out)])
-    clip, oracle, scenes = FeatureCache(temporal_cache), FeatureCache(out), planned(suite)
+    clip, oracle, scenes = FeatureCache(temporal_cache), FeatureCache(out), planned()
     assert set(oracle.index) == set(clip.index) and (out / "manifest.json").exists()
     for key in clip.index:
         times, duration = clip.get_times(key)
@@ -67,8 +67,7 @@ def test_the_script_writes_every_cached_media_at_its_times_and_width_and_the_sta
         assert truth.shape[1] == STATE_WIDTH and np.abs(unmixed - truth).max() < 0.02
 
 
-def test_a_suite_it_cannot_plan_again_or_a_cache_without_times_stops_it_in_one_line(suite, temporal_cache, tmp_path,
-                                                                                     capsys):
+def test_a_suite_it_cannot_plan_again_or_a_cache_without_times_stops_it_in_one_line(suite, temporal_cache, tmp_path):
     old = tmp_path / "old_suite"
     old.mkdir()
     meta = json.loads((suite / "meta.json").read_text())
