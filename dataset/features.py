@@ -47,6 +47,35 @@ def cache_folder(data_dir, cfg) -> Path:
     return Path(data_dir) / "features" / f"{encoder_cache_tag(cfg)}-f{cfg.num_frames}{sampling}"
 
 
+def add_cache_flags(p) -> None:
+    """The flags that name a cache: the encoder and how frames are sampled (scripts/extract_features.py's)."""
+    from dataset.media import SAMPLING_MODES
+    from model.config import VisionConfig
+    p.add_argument("--clip_model", default=VisionConfig.clip_model)
+    p.add_argument("--clip_pretrained", default=VisionConfig.clip_pretrained)
+    p.add_argument("--clip_image_size", type=int, default=VisionConfig.clip_image_size)
+    p.add_argument("--clip_regions", type=int, default=VisionConfig.clip_regions,
+                   help="0: each frame's CLS feature; g > 0: also its patch tokens averaged over a g x g grid")
+    p.add_argument("--num_frames", type=int, default=VisionConfig.num_frames)
+    p.add_argument("--frame_sampling", choices=SAMPLING_MODES, default=VisionConfig.frame_sampling,
+                   help="uniform over the clip, or fps: --sample_fps a second, at most --num_frames")
+    p.add_argument("--sample_fps", type=float, default=VisionConfig.sample_fps)
+
+
+def cache_config(args):
+    """The VisionConfig of add_cache_flags' flags; exits with one line if the sampling is invalid."""
+    from dataset.media import sampling_rate
+    from model.config import VisionConfig
+    cfg = VisionConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
+                       clip_image_size=args.clip_image_size, clip_regions=args.clip_regions, num_frames=args.num_frames,
+                       frame_sampling=args.frame_sampling, sample_fps=args.sample_fps)
+    try:
+        sampling_rate(cfg)
+    except ValueError as e:
+        sys.exit(f"error: --frame_sampling/--sample_fps: {e}")
+    return cfg
+
+
 def open_cache(data_dir, cfg, feature_dir=None):
     """The cache for this encoder + frame sampling under data_dir (or feature_dir), None if absent or 'none'.
 
@@ -102,6 +131,10 @@ class FeatureCache:
     def get(self, key):
         shard = self._shard(key)
         return None if shard is None else shard[0].get_tensor(key)
+
+    def shape(self, key) -> tuple:
+        """The (T, d) of a media's cached features, read from the shard's header, not its data."""
+        return tuple(self._shard(key)[0].get_slice(key).get_shape())
 
     def has_times(self) -> bool:
         """Whether this cache keeps the frame times of every media (caches written before they were kept do not)."""

@@ -109,10 +109,9 @@ features_in_two_parts python scripts/extract_features.py --data "${SPLITS[@]}" "
 # 4b. ORACLE=1: the true state of each frame the cache holds, at its times and width, read instead of it
 FEATURE_FLAGS=()
 if [ "$ORACLE" = 1 ]; then
-  clip_caches=("$DATA/features/${CLIP_MODEL}-${CLIP_SIZE}-$(basename "$VISION" .safetensors)-"??????????"$([ "$REGIONS" = 0 ] || echo "-r$REGIONS")-f${FRAME_CAP}-fps${SAMPLE_FPS}")
-  [ ${#clip_caches[@]} = 1 ] && [ -d "${clip_caches[0]}" ] || { echo "error: ORACLE=1: no single CLIP cache in $DATA/features to match" >&2; exit 2; }
   rm -rf "$DATA/features/oracle"
-  step oracle python scripts/oracle_features.py --data "$DATA" --clip_features "${clip_caches[0]}" --out "$DATA/features/oracle"
+  step oracle python scripts/oracle_features.py --data "$DATA" "${TOWER_FLAGS[@]}" --clip_pretrained "$VISION" \
+    "${FRAME_FLAGS[@]}" --out "$DATA/features/oracle"
   FEATURE_FLAGS=(--feature_dir "$DATA/features/oracle")
 fi
 

@@ -12,11 +12,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
-from dataset.features import FeatureCache, FeatureWriter, cache_folder, merge_manifests
-from dataset.media import SAMPLING_MODES, MediaError, read_clip, sampling_rate
+from dataset.features import FeatureCache, FeatureWriter, add_cache_flags, cache_config, cache_folder, merge_manifests
+from dataset.media import MediaError, read_clip, sampling_rate
 from dataset.annotations import AnnotationStore
 from dataset.tables import is_table
-from model.config import VisionConfig
 from model.vision import FrameEncoder
 
 
@@ -84,15 +83,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", nargs="+", required=True, help="jsonl files, .parquet files or save_to_disk folders (media paths relative to --media_root)")
     p.add_argument("--media_root", default=None, help="default: the first jsonl's folder")
-    p.add_argument("--clip_model", default=VisionConfig.clip_model)
-    p.add_argument("--clip_pretrained", default=VisionConfig.clip_pretrained)
-    p.add_argument("--clip_image_size", type=int, default=VisionConfig.clip_image_size)
-    p.add_argument("--clip_regions", type=int, default=VisionConfig.clip_regions,
-                   help="0: each frame's CLS feature; g > 0: also its patch tokens averaged over a g x g grid")
-    p.add_argument("--num_frames", type=int, default=VisionConfig.num_frames)
-    p.add_argument("--frame_sampling", choices=SAMPLING_MODES, default=VisionConfig.frame_sampling,
-                   help="uniform over the clip, or fps: --sample_fps a second, at most --num_frames")
-    p.add_argument("--sample_fps", type=float, default=VisionConfig.sample_fps)
+    add_cache_flags(p)
     p.add_argument("--out", default=None,
                    help="cache folder (default: <media_root>/features/<encoder>-f<T>[-fps<F>])")
     p.add_argument("--batch_size", type=int, default=32, help="media items per encoder batch")
@@ -106,18 +97,6 @@ def parse_args(argv=None):
                    help="only fold the parts' manifests into manifest.json (optional: readers see the parts too)")
     p.add_argument("--device", default=None, help="default: this rank's GPU if there is one, else cpu")
     return p.parse_args(argv)
-
-
-def vision_config(args) -> VisionConfig:
-    """The encoder and frame sampling the flags describe; exits with one line if the sampling is invalid."""
-    cfg = VisionConfig(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained,
-                       clip_image_size=args.clip_image_size, clip_regions=args.clip_regions, num_frames=args.num_frames,
-                       frame_sampling=args.frame_sampling, sample_fps=args.sample_fps)
-    try:
-        sampling_rate(cfg)
-    except ValueError as e:
-        sys.exit(f"error: --frame_sampling/--sample_fps: {e}")
-    return cfg
 
 
 def this_part(args):
@@ -136,7 +115,7 @@ def main(argv=None):
     if missing:
         sys.exit(f"error: {missing[0]}: no such file")
     root = Path(args.media_root) if args.media_root else Path(args.data[0]).parent
-    cfg = vision_config(args)
+    cfg = cache_config(args)
     folder = Path(args.out) if args.out else cache_folder(root, cfg)
     if args.merge:
         print(f"features: {merge_manifests(folder)} media in {folder / 'manifest.json'}")

@@ -5,8 +5,8 @@ training and eval commands with --feature_dir OUT measure the summary, projector
 tower saw perfectly (dataset/scene_state.py says what a frame's state holds). Only for suites made
 by scripts/make_temporal.py: the scenes are planned again from meta.json's seed, counts and settings.
 
-  python scripts/oracle_features.py --data dataset/synthetic_temporal \\
-      --clip_features dataset/synthetic_temporal/features/<tag> --out dataset/synthetic_temporal/features/oracle
+  python scripts/oracle_features.py --data dataset/synthetic_temporal --out dataset/synthetic_temporal/features/oracle \\
+      <the tower and frame flags given to scripts/extract_features.py, which name its CLIP cache>
 """
 import argparse
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
-from dataset.features import FeatureCache, FeatureWriter, manifests, merge_manifests
+from dataset.features import FeatureCache, FeatureWriter, add_cache_flags, cache_config, cache_folder, manifests, merge_manifests
 from dataset.scene_state import oracle_features
 from dataset.synthetic_temporal import Settings, plan_dataset, video_path
 
@@ -25,8 +25,10 @@ from dataset.synthetic_temporal import Settings, plan_dataset, video_path
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="the temporal suite's folder (meta.json)")
-    p.add_argument("--clip_features", required=True,
-                   help="its CLIP feature cache, with frame times (scripts/extract_features.py): whose media, times and width to match")
+    add_cache_flags(p)   # they name the suite's CLIP cache, as scripts/extract_features.py does
+    p.add_argument("--clip_features", default=None,
+                   help="the CLIP feature cache whose media, times and width to match (default: the one the "
+                        "tower and frame flags name under --data); it must hold frame times")
     p.add_argument("--out", required=True, help="the oracle cache's folder (pass it as --feature_dir)")
     return p.parse_args(argv)
 
@@ -49,18 +51,19 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     scenes, size = planned_scenes(Path(args.data))
-    if not manifests(args.clip_features):
-        sys.exit(f"error: --clip_features {args.clip_features}: no feature cache there")
-    cache = FeatureCache(args.clip_features)
+    folder = args.clip_features or cache_folder(args.data, cache_config(args))
+    if not manifests(folder):
+        sys.exit(f"error: {folder}: no feature cache there (scripts/extract_features.py with the same flags writes it)")
+    cache = FeatureCache(folder)
     if not cache.has_times():
-        sys.exit(f"error: --clip_features {args.clip_features}: cached without frame times; extract them again")
+        sys.exit(f"error: {folder}: cached without frame times; extract them again")
     unknown = sorted(set(cache.index) - set(scenes))
     if unknown:
-        sys.exit(f"error: --clip_features holds {len(unknown)} media the suite does not plan, e.g. {unknown[0]}")
+        sys.exit(f"error: {folder} holds {len(unknown)} media the suite does not plan, e.g. {unknown[0]}")
     writer = FeatureWriter(args.out)
     for key in sorted(cache.index):
         times, duration = cache.get_times(key)
-        width = cache.get(key).shape[-1]
+        width = cache.shape(key)[-1]
         features = oracle_features(scenes[key], times.numpy(), size, width)
         writer.add(key, torch.from_numpy(features), times, duration)
     writer.flush()

@@ -10,11 +10,14 @@ import pytest
 import torch
 
 import oracle_features
-from dataset.features import FeatureCache, FeatureWriter
+from conftest import CLIP_MODEL, CLIP_SIZE
+from dataset.features import FeatureCache, FeatureWriter, cache_folder
 from dataset.scene_state import SLOT_WIDTH, STATE_WIDTH, mixing_matrix, scene_state
 from dataset.synthetic import BACKGROUND, COLOURS
 from dataset.synthetic_temporal import Settings, plan_dataset, video_path
-from test_temporal_training import N_TEST, N_VIDEOS, SEED, SETTINGS, suite, temporal_cache  # noqa: F401 (fixtures)
+from model.config import VisionConfig
+from test_temporal_training import (CAP, N_TEST, N_VIDEOS, SAMPLE_FPS, SAMPLING, SEED, SETTINGS,  # noqa: F401
+                                     suite, temporal_cache)   # (fixtures)
 
 
 def planned() -> dict:
@@ -65,6 +68,25 @@ def test_the_script_writes_every_cached_media_at_its_times_and_width_and_the_sta
         unmixed = features @ np.linalg.pinv(mixing_matrix(features.shape[1]))
         truth = scene_state(scenes[key], times.numpy(), SETTINGS["size"])
         assert truth.shape[1] == STATE_WIDTH and np.abs(unmixed - truth).max() < 0.02
+
+
+def test_the_tower_and_frame_flags_find_the_cache_extract_features_would_write(suite, temporal_cache, vision_file,
+                                                                             tmp_path):
+    tower = ["--clip_model", CLIP_MODEL, "--clip_image_size", str(CLIP_SIZE), "--clip_pretrained", str(vision_file)]
+    cfg = VisionConfig(clip_model=CLIP_MODEL, clip_image_size=CLIP_SIZE, clip_pretrained=str(vision_file),
+                       num_frames=CAP, frame_sampling="fps", sample_fps=SAMPLE_FPS)
+    named = cache_folder(suite, cfg)
+    with pytest.raises(SystemExit, match=f"{named.name}: no feature cache there"):
+        oracle_features.main(["--data", str(suite), *tower, *SAMPLING, "--out", str(tmp_path / "a")])
+    shutil.copytree(temporal_cache, named)
+    try:
+        oracle_features.main(["--data", str(suite), *tower, *SAMPLING, "--out", str(tmp_path / "by_flags")])
+    finally:
+        shutil.rmtree(named)
+    oracle_features.main(["--data", str(suite), "--clip_features", str(temporal_cache), "--out", str(tmp_path / "given")])
+    by_flags, given = FeatureCache(tmp_path / "by_flags"), FeatureCache(tmp_path / "given")
+    assert set(by_flags.index) == set(given.index) == set(FeatureCache(temporal_cache).index)
+    assert all(torch.equal(by_flags.get(k), given.get(k)) for k in given.index)
 
 
 def test_a_suite_it_cannot_plan_again_or_a_cache_without_times_stops_it_in_one_line(suite, temporal_cache, tmp_path):
