@@ -12,6 +12,9 @@ replaced by spaces, split on whitespace, joined by single spaces (the scorers sp
   takes its idf from the references of the captions being scored, so it is only meaningful on a
   set of many captions: on a single caption every n-gram's idf is 0 and CIDEr is 0.
 
+An answer that reasons first ends with ANSWER_MARKER and its answer ("… Answer: the blue circle appears."):
+exact match compares what follows the last marker, in the prediction and in the reference alike.
+
 Answers that are spans of time (grounding questions) are also scored by temporal IoU against the
 true span (dataset/timespan.py); see docs/metrics.md for mIoU, R@k and the duration buckets.
 """
@@ -32,6 +35,7 @@ RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 DURATION_BUCKETS = (("0-10s", 0, 10), ("10-30s", 10, 30), ("30-60s", 30, 60), ("60-120s", 60, 120),
                     ("120s+", 120, math.inf))
 PHRASINGS = ("seen", "held_out")
+ANSWER_MARKER = "Answer:"   # "<reasoning> Answer: <answer>": exact match scores the part after it
 INSTALL_HINT = "caption metrics (BLEU-4, ROUGE-L, CIDEr) need `pip install pycocoevalcap`; skipped"
 
 
@@ -44,9 +48,15 @@ def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+def final_answer(text: str) -> str:
+    """What follows the last ANSWER_MARKER (any case), or the whole text where there is none."""
+    found = text.lower().rfind(ANSWER_MARKER.lower())
+    return text if found < 0 else text[found + len(ANSWER_MARKER):]
+
+
 def exact_match(prediction: str, references: list[str]) -> bool:
-    """The prediction equals one of the references once both are normalised."""
-    return any(normalise(prediction) == normalise(ref) for ref in references)
+    """The prediction's final answer equals one reference's once both are normalised."""
+    return any(normalise(final_answer(prediction)) == normalise(final_answer(ref)) for ref in references)
 
 
 def caption_scores(predictions: list[str], references: list[list[str]]) -> dict:

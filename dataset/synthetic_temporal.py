@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset.metrics import duration_bucket
+from dataset.metrics import ANSWER_MARKER, duration_bucket
 from dataset.synthetic import (COLOURS, PATH_END, PATH_START, SHAPES, blank_canvas, held_out_is_learnable, item_rng,
                                pick, pick_codec, pixel_grid, run_tasks, shape_mask, with_article, write_jsonl, write_mp4)
 from dataset.timespan import format_span, format_time
@@ -71,6 +71,7 @@ PAIR_PROBABILITIES = (("reversed", 0.2), ("sped_up", 0.2))
 HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 HELD_OUT_PHRASING_PROBABILITY = 0.5
+ORDER_ANSWERS = ("event", "timeline")
 CAPTION_SFT_SHARE = 0.25   # training conversations that also ask for the caption: SFT keeps "describe it"
 MAX_SCENE_TRIES = 500
 LENGTHEN_EVERY = 50   # failed draws before a scene gets one grid step longer
@@ -164,7 +165,9 @@ CATEGORIES = ("order", "count", "speed", "grounding", "needle_what", "needle_whe
 class Settings:
     """How the suite is made: frames a second, frame side in pixels, the seconds a training video
     lasts (min to max) and a test video at most, the encoder, and how many order questions of each
-    form a training conversation asks (where the video allows that many)."""
+    form a training conversation asks (where the video allows that many), and how order questions are
+    answered: "event" (the event alone) or "timeline" (the video's timed events first, then
+    "Answer: <the event>", which scoring reads)."""
     fps: int = 4
     size: int = 64
     min_seconds: float = 4.0
@@ -172,6 +175,7 @@ class Settings:
     test_max_seconds: float = 120.0
     codec: str = "libx264"
     order_questions: int = 1
+    order_answers: str = "event"   # one of ORDER_ANSWERS
 
 
 @dataclass(frozen=True)
@@ -669,19 +673,25 @@ def action_fills(scene: Scene, event: Event) -> dict:
 # ---------------------------------------------------------------- questions
 
 
-def order_questions(scene: Scene, rng) -> dict:
+def timeline_answer(scene: Scene, answer: str) -> str:
+    """The reasoned form of an order answer: every timed event of the video, then the answer after the marker."""
+    return f"{caption(scene)} {ANSWER_MARKER} {answer}."
+
+
+def order_questions(scene: Scene, rng, answers: str = "event") -> dict:
     events, unique = scene.events, unique_event_indices(scene)
     if len(events) < 3:
         return {}
     phrase = lambda i: event_phrase(scene, events[i])  # noqa: E731
-    after = [Question("order_after", {"event": anchor_phrase(scene, events[i], "after")}, phrase(i + 1))
+    said = (lambda i: timeline_answer(scene, phrase(i))) if answers == "timeline" else phrase  # noqa: E731
+    after = [Question("order_after", {"event": anchor_phrase(scene, events[i], "after")}, said(i + 1))
              for i in range(len(events) - 1) if {i, i + 1} <= unique]
-    before = [Question("order_before", {"event": anchor_phrase(scene, events[i], "before")}, phrase(i - 1))
+    before = [Question("order_before", {"event": anchor_phrase(scene, events[i], "before")}, said(i - 1))
               for i in range(1, len(events)) if {i, i - 1} <= unique]
     first = []
     for i, j in itertools.combinations(sorted(unique), 2):
         shown = (phrase(i), phrase(j)) if rng.random() < 0.5 else (phrase(j), phrase(i))
-        first.append(Question("order_first", {"event": shown[0], "other": shown[1]}, phrase(i)))
+        first.append(Question("order_first", {"event": shown[0], "other": shown[1]}, said(i)))
     return {"order_after": after, "order_before": before, "order_first": first}
 
 
@@ -749,10 +759,11 @@ def followup_questions(scene: Scene) -> dict:
     return {"followup_next": chained, "followup_colour": colour, "followup_when": when}
 
 
-def question_options(scene: Scene, rng) -> dict:
-    """Every form's candidate questions about the scene (pair forms aside), form -> [Question]."""
+def question_options(scene: Scene, rng, order_answers: str = "event") -> dict:
+    """Every form's candidate questions about the scene (pair forms aside), form -> [Question]; order
+    questions answered as order_answers says (a followup's opener always by the event alone)."""
     options = {}
-    for found in (order_questions(scene, rng), count_questions(scene), speed_questions(scene, rng),
+    for found in (order_questions(scene, rng, order_answers), count_questions(scene), speed_questions(scene, rng),
                   grounding_questions(scene), needle_questions(scene), followup_questions(scene)):
         options.update({form: questions for form, questions in found.items() if questions})
     return options
@@ -879,13 +890,20 @@ def training_questions(options: dict, rng, order_questions: int) -> list:
     return questions
 
 
-def training_records(seed: int, index: int, scene: Scene, original: Scene, order_questions: int = 1) -> tuple:
+def timeline_last(units: list, timeline: str) -> list:
+    """The units with an answer that tells the timeline after all others, each group in its order: no
+    question is trained with the timed events already written above it, as no test question has them."""
+    told = lambda unit: any(answer.startswith(timeline) for _, answer in unit)  # noqa: E731
+    return [u for u in units if not told(u)] + [u for u in units if told(u)]
+
+
+def training_records(seed: int, index: int, scene: Scene, original: Scene, settings: Settings = Settings()) -> tuple:
     """The caption sample and the one multi-question conversation of a training video."""
     rng = text_rng(seed, STREAM_TRAIN_TEXT, index, scene is not original)
     prompt = pick(rng, CAPTION_PROMPTS)
     pretrain = base_record(f"{scene.name}-cap", scene, [(prompt, caption(scene))], "caption")
     described, described_prompt = rng.random() < CAPTION_SFT_SHARE, pick(rng, CAPTION_PROMPTS)
-    questions = training_questions(question_options(scene, rng), rng, order_questions)
+    questions = training_questions(question_options(scene, rng, settings.order_answers), rng, settings.order_questions)
     units = [question_turns(q, rng, "seen") for q in questions]
     extra = []
     if original.pair:
@@ -895,6 +913,8 @@ def training_records(seed: int, index: int, scene: Scene, original: Scene, order
     if described:
         units.append([(described_prompt, caption(scene))])
     units = [units[i] for i in rng.permutation(len(units))]
+    if settings.order_answers == "timeline":
+        units = timeline_last(units, caption(scene))
     sft = base_record(f"{scene.name}-multi", scene, [pair for unit in units for pair in unit], "multi")
     sft["_categories"] = ([PHRASINGS[form]["category"] for q in questions + extra for form in forms_asked(q)]
                           + ["caption"] * described)
@@ -910,11 +930,11 @@ def test_record(scene: Scene, question: Question, rng, phrasing: str) -> dict:
     return record
 
 
-def test_records(seed: int, index: int, scene: Scene, original: Scene) -> list:
+def test_records(seed: int, index: int, scene: Scene, original: Scene, order_answers: str = "event") -> list:
     """One record per question form the video allows, the pair's question included."""
     rng = text_rng(seed, STREAM_TEST_TEXT, index, scene is not original)
     records = []
-    for options in question_options(scene, rng).values():
+    for options in question_options(scene, rng, order_answers).values():
         phrasing = "held_out" if rng.random() < HELD_OUT_PHRASING_PROBABILITY else "seen"
         records.append(test_record(scene, pick(rng, options), rng, phrasing))
     if original.pair:
@@ -980,15 +1000,15 @@ def plan_dataset(seed, n_videos, n_test, settings: Settings) -> tuple:
             test_videos(seed, n_test, settings, allowed, held_out))
 
 
-def build_splits(seed, train, test, order_questions: int = 1) -> dict:
+def build_splits(seed, train, test, settings: Settings = Settings()) -> dict:
     pretrain, sft_video, test_lines = [], [], []
     for video in train:
         caption_record, conversation_record = training_records(seed, video.index, video.scene, video.original,
-                                                               order_questions)
+                                                               settings)
         pretrain.append(caption_record)
         sft_video.append(conversation_record)
     for video in test:
-        test_lines += test_records(seed, video.index, video.scene, video.original)
+        test_lines += test_records(seed, video.index, video.scene, video.original, settings.order_answers)
     return {"pretrain": pretrain, "sft_video": sft_video, "test": test_lines}
 
 
@@ -1011,6 +1031,7 @@ def build_meta(seed, held_out, train, test, splits, settings: Settings) -> dict:
         "settings": {"fps": settings.fps, "size": settings.size, "min_seconds": settings.min_seconds,
                      "max_seconds": settings.max_seconds, "test_max_seconds": settings.test_max_seconds,
                      "codec": settings.codec, "order_questions": settings.order_questions,
+                     "order_answers": settings.order_answers,
                      "object_diameter": round(OBJECT_FRACTION * settings.size, 3)},
         "counts": {
             "train_videos": len(train), "test_videos": len(test),
@@ -1036,7 +1057,7 @@ def generate(out_dir, n_videos, n_test, seed, settings: Settings | None = None, 
     settings = settings or Settings(codec=pick_codec())
     held_out, train, test = plan_dataset(seed, n_videos, n_test, settings)
     write_all_videos(out_dir, [v.scene for v in train + test], settings, workers)
-    splits = build_splits(seed, train, test, settings.order_questions)
+    splits = build_splits(seed, train, test, settings)
     meta = build_meta(seed, held_out, train, test, splits, settings)   # takes the bookkeeping out of the records
     meta["plan"] = {"n_videos": n_videos, "n_test": n_test}   # with seed and settings: plan_dataset again
     for name, records in splits.items():

@@ -25,6 +25,7 @@ TEST_MAX_SECONDS=${TEST_MAX_SECONDS:-$(( 2 * ${MAX_SECONDS%.*} ))}   # longest t
 VIDEO_FPS=${VIDEO_FPS:-4}       # frames a second in the files
 VIDEO_SIZE=${VIDEO_SIZE:-64}    # frame side in pixels
 ORDER_QUESTIONS=${ORDER_QUESTIONS:-1}   # order questions of each form per training conversation (README)
+ORDER_ANSWERS=${ORDER_ANSWERS:-event}   # timeline: order answers list the timed events first, then "Answer: ..." (README)
 # --- the visual path
 SAMPLE_FPS=${SAMPLE_FPS:-1}     # frames sampled a second of video
 FRAME_CAP=${FRAME_CAP:-128}     # at most this many frames per video (longer videos: spread evenly)
@@ -48,7 +49,7 @@ FRESH_DATA=${FRESH_DATA:-1}     # 0: keep the data folder (and its features) if 
 OUT_DIR=${OUT_DIR:-out/temporal$([ "$ORACLE" = 1 ] && echo _oracle)}
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
-SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE ORDER_QUESTIONS VOCAB CLIP_MODEL
+SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE ORDER_QUESTIONS ORDER_ANSWERS VOCAB CLIP_MODEL
           CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT REGIONS ORACLE SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
           PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATIONS OUT_DIR DATA_DIR)
 
@@ -81,7 +82,7 @@ write_settings "${SETTINGS[@]}"
 # 1. data (kept with FRESH_DATA=0 only if made by the very same command; else remade, features included)
 MAKE_DATA=(python scripts/make_temporal.py --out "$DATA" --n_videos "$N_VIDEOS" --n_test "$N_TEST" --seed "$SEED"
   --min_seconds "$MIN_SECONDS" --max_seconds "$MAX_SECONDS" --test_max_seconds "$TEST_MAX_SECONDS"
-  --fps "$VIDEO_FPS" --size "$VIDEO_SIZE" --order_questions "$ORDER_QUESTIONS")
+  --fps "$VIDEO_FPS" --size "$VIDEO_SIZE" --order_questions "$ORDER_QUESTIONS" --order_answers "$ORDER_ANSWERS")
 if [ "$FRESH_DATA" = 0 ] && [ -f "$DATA/meta.json" ] && [ "$(cat "$DATA/.made_by" 2>/dev/null)" = "${MAKE_DATA[*]}" ]; then
   echo "==> [data] keeping $DATA (made by the same command; FRESH_DATA=0)"
 else
@@ -116,7 +117,7 @@ if [ "$ORACLE" = 1 ]; then
 fi
 
 # 5-6. pretrain + video SFT + eval, for the model or an ablation
-COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER" --max_len 768 ${FEATURE_FLAGS[@]+"${FEATURE_FLAGS[@]}"})   # time text makes the longest ~540 tokens
+COMMON+=(--out_dir "$OUT" --tokenizer "$TOKENIZER" --max_len 1024 ${FEATURE_FLAGS[@]+"${FEATURE_FLAGS[@]}"})   # timeline answers make the longest ~830 tokens
 ARCH=("${LM_FLAGS[@]}" "${FRAME_FLAGS[@]}" --num_visual_tokens "$K" --segment_seconds "$SEGMENT_SECONDS" --summary_dim "$SUMMARY_DIM" "${TOWER_FLAGS[@]}")
 
 pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>) or an ablation (<stage>_<DIM>_NAME)
@@ -128,7 +129,7 @@ pipeline() {   # pipeline NAME: "temporal" (the model; checkpoints <stage>_<DIM>
   train_step "sft_video$sfx" "$VID_EPOCHS" "$SFT_LR" "sft_video_${DIM}${sfx}" \
     python train_sft.py --stage video --data_path "$DATA/sft_video.jsonl" --from_weight "pretrain_vlm_${DIM}${sfx}"
   step "eval$sfx" python eval.py --out_dir "$OUT" --weight "sft_video_${DIM}${sfx}" --data_path "$DATA/test.jsonl" \
-    --out "$OUT/preds_${name}.jsonl" --metrics_out "$OUT/metrics_${name}.json" ${FEATURE_FLAGS[@]+"${FEATURE_FLAGS[@]}"}
+    --out "$OUT/preds_${name}.jsonl" --metrics_out "$OUT/metrics_${name}.json" --max_new_tokens 192 ${FEATURE_FLAGS[@]+"${FEATURE_FLAGS[@]}"}
 }
 
 rm -f "$OUT"/preds_*.jsonl "$OUT"/metrics_*.json   # never report a stale model or ablation

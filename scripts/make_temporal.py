@@ -4,7 +4,7 @@ import time
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.synthetic import even_size, int_at_least, pick_codec
-from dataset.synthetic_temporal import Settings, generate
+from dataset.synthetic_temporal import ORDER_ANSWERS, Settings, generate
 
 
 def positive_seconds(text: str) -> float:
@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=even_size, default=64, help="frame side in pixels")
     parser.add_argument("--order_questions", type=int_at_least(1), default=1,
                         help="order questions of each form (after, before, which first) per training conversation")
+    parser.add_argument("--order_answers", choices=ORDER_ANSWERS, default="event",
+                        help="order answers: the event alone, or the video's timed events first, then "
+                             "'Answer: <the event>' (scored on what follows the marker)")
     parser.add_argument("--workers", type=int_at_least(1), default=2)
     args = parser.parse_args(argv)
     args.test_max_seconds = args.test_max_seconds or 2 * args.max_seconds
@@ -39,7 +42,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     settings = Settings(args.fps, args.size, args.min_seconds, args.max_seconds, args.test_max_seconds, pick_codec(),
-                        args.order_questions)
+                        args.order_questions, args.order_answers)
     meta = generate(args.out, args.n_videos, args.n_test, args.seed, settings, args.workers)
     counts = meta["counts"]
     print(f"wrote {counts['train_videos']} train / {counts['test_videos']} test videos, "

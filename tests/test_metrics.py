@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from dataset.metrics import CaptionMetricsUnavailable, caption_scores, exact_match
+from dataset.metrics import CaptionMetricsUnavailable, caption_scores, exact_match, final_answer
 
 needs_coco = pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
                                 reason="pip install pycocoevalcap (in requirements.txt)")
@@ -88,6 +88,16 @@ def test_exact_match_is_normalised_and_accepts_any_reference():
     assert exact_match("Left!", ["left"])
     assert exact_match("moves up", ["moves left", "Moves up."])
     assert not exact_match("moves up", ["moves left"])
+
+
+def test_a_reasoned_answer_is_scored_on_what_follows_its_last_marker():
+    reference = "At 0.0 s the red ring is on screen. The red ring leaves at 3.0 s. Answer: the red ring leaves."
+    assert exact_match("At 0.0 s the blue ring is on screen. answer: The red ring leaves", [reference])
+    assert exact_match("the red ring leaves", [reference])   # a bare answer against a reasoned reference
+    assert not exact_match("The red ring leaves at 3.0 s. Answer: the red ring appears.", [reference])
+    assert not exact_match("At 0.0 s the red ring is on screen. The red ring leaves at 3.0 s.", [reference])
+    assert final_answer("no marker here") == "no marker here"
+    assert final_answer("Answer: a. Answer: b") == " b"
 
 
 # ---------------------------------------------------------------- grounding, duration, phrasing

@@ -3,12 +3,14 @@ spans and counts that match the rendered pixels, conflicting pairs, held-out wor
 
 import json
 import re
+from dataclasses import replace
 
 import decord
 import numpy as np
 import pytest
 
 import dataset.synthetic_temporal as st
+from dataset.metrics import exact_match
 from dataset.synthetic import COLOURS, SHAPES
 from dataset.vlm_dataset import ConversationDataset
 from make_temporal import parse_args
@@ -264,7 +266,6 @@ def test_reversal_and_speed_up_keep_events_on_the_grid():
 
 
 def replace_name(member, scene):
-    from dataclasses import replace
     return replace(member, name=scene.name, source=None, pair="reversed")
 
 
@@ -297,7 +298,7 @@ def test_held_out_wordings_recombine_words_of_the_seen_ones():
 def test_more_order_questions_add_distinct_ones_and_leave_the_rest_alone():
     settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
     _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
-    one, three = st.build_splits(SEED, train, test, 1), st.build_splits(SEED, train, test, 3)
+    one, three = st.build_splits(SEED, train, test, settings), st.build_splits(SEED, train, test, replace(settings, order_questions=3))
     assert one["test"] == three["test"] and one["pretrain"] == three["pretrain"]
     added = 0
     for plain, more in zip(one["sft_video"], three["sft_video"]):
@@ -313,6 +314,33 @@ def test_more_order_questions_add_distinct_ones_and_leave_the_rest_alone():
             wanted = min(3, len(candidates)) if st.PHRASINGS[form]["category"] == "order" else 1
             assert len(chosen) == wanted and all(q in candidates for q in chosen), form
             assert len({(q.form, tuple(q.fills.items()), q.answer) for q in chosen}) == wanted, form
+
+
+def test_timeline_order_answers_tell_the_events_first_and_change_nothing_else():
+    settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
+    _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
+    plain, told = st.build_splits(SEED, train, test, settings), st.build_splits(
+        SEED, train, test, replace(settings, order_answers="timeline"))
+    assert plain["pretrain"] == told["pretrain"]
+    captions = {r["video"]: r["conversations"][1]["content"] for r in plain["pretrain"] + [
+        {"video": v, "conversations": [None, {"content": st.caption(s)}]} for v, s in
+        ((st.video_path(t.scene), t.scene) for t in test)]}
+    changed = 0
+    for a, b in zip(plain["test"], told["test"], strict=True):
+        answer, reasoned = a["conversations"][-1]["content"], b["conversations"][-1]["content"]
+        if a["category"] == "order":
+            assert reasoned == f"{captions[a['video']]} Answer: {answer}." and exact_match(answer, [reasoned])
+            changed += 1
+        else:   # followups included: their openers stay bare, so no test question is asked with the timeline told
+            assert a == b
+        assert a["conversations"][:-1] == b["conversations"][:-1]
+    assert changed > 0
+    for record in told["sft_video"]:
+        answers = [t["content"] for t in record["conversations"][1::2]]
+        told_at = [i for i, text in enumerate(answers) if text.startswith(captions[record["video"]])]
+        assert told_at == list(range(len(answers) - len(told_at), len(answers))), record["id"]   # all at the end
+        for text in answers[:len(answers) - len(told_at)]:
+            assert st.ANSWER_MARKER not in text
 
 
 def test_some_training_conversations_also_ask_for_the_caption(suite):
