@@ -673,9 +673,9 @@ def action_fills(scene: Scene, event: Event) -> dict:
 # ---------------------------------------------------------------- questions
 
 
-def timeline_answer(scene: Scene, answer: str) -> str:
-    """The reasoned form of an order answer: every timed event of the video, then the answer after the marker."""
-    return f"{caption(scene)} {ANSWER_MARKER} {answer}."
+def timeline_answer(timeline: str, answer: str) -> str:
+    """The reasoned form of an order answer: the video's timed events (its caption), then the answer after the marker."""
+    return f"{timeline} {ANSWER_MARKER} {answer}."
 
 
 def order_questions(scene: Scene, rng, answers: str = "event") -> dict:
@@ -683,7 +683,8 @@ def order_questions(scene: Scene, rng, answers: str = "event") -> dict:
     if len(events) < 3:
         return {}
     phrase = lambda i: event_phrase(scene, events[i])  # noqa: E731
-    said = (lambda i: timeline_answer(scene, phrase(i))) if answers == "timeline" else phrase  # noqa: E731
+    timeline = caption(scene) if answers == "timeline" else None
+    said = (lambda i: timeline_answer(timeline, phrase(i))) if timeline else phrase  # noqa: E731
     after = [Question("order_after", {"event": anchor_phrase(scene, events[i], "after")}, said(i + 1))
              for i in range(len(events) - 1) if {i, i + 1} <= unique]
     before = [Question("order_before", {"event": anchor_phrase(scene, events[i], "before")}, said(i - 1))
@@ -900,8 +901,8 @@ def timeline_last(units: list, timeline: str) -> list:
 def training_records(seed: int, index: int, scene: Scene, original: Scene, settings: Settings = Settings()) -> tuple:
     """The caption sample and the one multi-question conversation of a training video."""
     rng = text_rng(seed, STREAM_TRAIN_TEXT, index, scene is not original)
-    prompt = pick(rng, CAPTION_PROMPTS)
-    pretrain = base_record(f"{scene.name}-cap", scene, [(prompt, caption(scene))], "caption")
+    prompt, timeline = pick(rng, CAPTION_PROMPTS), caption(scene)
+    pretrain = base_record(f"{scene.name}-cap", scene, [(prompt, timeline)], "caption")
     described, described_prompt = rng.random() < CAPTION_SFT_SHARE, pick(rng, CAPTION_PROMPTS)
     questions = training_questions(question_options(scene, rng, settings.order_answers), rng, settings.order_questions)
     units = [question_turns(q, rng, "seen") for q in questions]
@@ -911,10 +912,10 @@ def training_records(seed: int, index: int, scene: Scene, original: Scene, setti
         extra = [pair_record_question(scene, original, draw)]
         units.append(question_turns(extra[0], np.random.default_rng(draw[2]), "seen"))
     if described:
-        units.append([(described_prompt, caption(scene))])
+        units.append([(described_prompt, timeline)])
     units = [units[i] for i in rng.permutation(len(units))]
     if settings.order_answers == "timeline":
-        units = timeline_last(units, caption(scene))
+        units = timeline_last(units, timeline)
     sft = base_record(f"{scene.name}-multi", scene, [pair for unit in units for pair in unit], "multi")
     sft["_categories"] = ([PHRASINGS[form]["category"] for q in questions + extra for form in forms_asked(q)]
                           + ["caption"] * described)

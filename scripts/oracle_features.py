@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
-from dataset.features import FeatureCache, FeatureWriter, add_cache_flags, cache_config, cache_folder, manifests, merge_manifests
+from dataset.features import (FeatureCache, FeatureWriter, add_cache_flags, cache_config, cache_folder, manifests,
+                              merge_manifests)
 from dataset.scene_state import oracle_features
 from dataset.synthetic_temporal import Settings, plan_dataset, video_path
 
