@@ -538,7 +538,8 @@ def from_activitynet_captions(record, index, opts: Options) -> list:
 
 def from_nextqa(record, index, opts: Options) -> dict:
     """NExT-QA csv row: video, question, a0..a4, answer (index of the right option), qid, type →
-    a multiple-choice sample answered "(B) <option>"; "references" also accepts the letter or the text alone."""
+    a multiple-choice sample answered "(B) <option>"; "references" also accepts the letter or the text alone,
+    and "choices" lists the five lettered options."""
     video_id, qid = id_field(record, "video"), id_field(record, "qid")
     question = text_field(record, "question").strip()
     options = [text_field(record, f"a{i}").strip() for i in range(len(OPTION_LETTERS))]
@@ -558,6 +559,7 @@ def from_nextqa(record, index, opts: Options) -> dict:
     sample = build(f"nextqa_{video_id}_{qid}", turns, [("video", opts.video_file(stem, ".mp4"))], opts,
                    category=category)
     sample["references"] = [letter, right]
+    sample["choices"] = [f"({l}) {o}" for l, o in zip(OPTION_LETTERS, options)]   # eval.py also ranks these
     return sample
 
 FORMATS = {

@@ -81,7 +81,7 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict:
 
 
 def accuracy(rows) -> float:
-    return round(sum(r["correct"] for r in rows) / len(rows), 4) if rows else 0.0
+    return share(rows, "correct")
 
 
 def summarise(preds, skipped, seconds, caption_categories=CAPTION_CATEGORIES) -> dict:
@@ -101,7 +101,28 @@ def summarise(preds, skipped, seconds, caption_categories=CAPTION_CATEGORIES) ->
             "by_duration": {name: accuracy(rows) for name, rows in by_duration(preds).items()},
             "grounding_by_duration": {name: mean_iou(rows) for name, rows in by_duration(grounded).items()},
             "by_phrasing": {f"phrasing_{k}": accuracy(rows) for k, rows in by_phrasing(preds).items()},
+            "choices": choice_metrics([p for p in preds if "choice" in p]),
             "seconds": round(seconds, 2)}
+
+
+def share(rows, key: str) -> float:
+    return round(sum(bool(r[key]) for r in rows) / len(rows), 4) if rows else 0.0
+
+
+def choice_figures(rows) -> dict:
+    return {"generated": accuracy(rows), "answered_a_choice": share(rows, "answered_a_choice"),
+            "ranked": share(rows, "choice_correct"), "n": len(rows)}
+
+
+def choice_metrics(rows) -> dict | None:
+    """Over the multiple-choice records: the generated answers' accuracy, the share of them that are one of
+    the offered choices, and the accuracy of the likeliest choice (model/choices.py); overall and by category."""
+    if not rows:
+        return None
+    categories = defaultdict(list)
+    for row in rows:
+        categories[row["category"]].append(row)
+    return {**choice_figures(rows), "by_category": {k: choice_figures(v) for k, v in sorted(categories.items())}}
 
 
 def grounding_score(answer: str, reference: str, category: str, span=None,

@@ -922,10 +922,22 @@ def training_records(seed: int, index: int, scene: Scene, original: Scene, setti
     return pretrain, sft
 
 
+def offered_answers(question: Question) -> list | None:
+    """The answers a two-way question offers (in the order its wording names them), where the reference is
+    one of them: eval.py also ranks them by likelihood. None for open questions and reasoned answers."""
+    offered = {"order_first": ("event", "other"), "speed": ("a", "b")}
+    fixed = {"reversed_direction": ["left", "right"], "reversed_presence": ["appears", "leaves"]}
+    answers = [question.fills[k] for k in offered[question.form]] if question.form in offered \
+        else fixed.get(question.form)
+    return answers if answers and question.answer in answers else None
+
+
 def test_record(scene: Scene, question: Question, rng, phrasing: str) -> dict:
     record = base_record(f"{scene.name}-{question.form}", scene, question_turns(question, rng, phrasing),
                          question.category)
     record.update({"subset": scene.subset, "phrasing": phrasing})
+    if offered_answers(question):
+        record["choices"] = offered_answers(question)
     if question.span is not None:
         record["span"] = [round(question.span[0], 4), round(question.span[1], 4)]
     return record

@@ -142,7 +142,18 @@ class ConversationDataset(Dataset):
             item["reference"] = reference
             item["references"] = [reference] + [r for r in extra_references(record) if r != reference]
             item.update(timing_fields(record))
+            item["choices"] = choice_field(record)
+            item["choice_ids"] = [self._encode_choice(conversations, c, counts) for c in item["choices"] or ()]
         return item
+
+    def _encode_choice(self, conversations, choice: str, counts) -> tuple:
+        """(ids, labels) of the conversation answered with `choice`: labels cover the choice and its end token."""
+        ids, labels, _ = self.chat.encode(conversations + [{"role": "assistant", "content": choice}],
+                                          slot_counts=counts)
+        if len(ids) > self.max_len:
+            raise BadSample(f"answered with the choice {shown(choice)}, {len(ids)} tokens, longer than "
+                            f"max_len={self.max_len}")
+        return torch.tensor(ids), torch.tensor(labels)
 
     def _media(self, record, kinds):
         """One MediaEntry per marker, in marker order: cached features, or clip inputs to encode.
@@ -176,6 +187,18 @@ def extra_references(record) -> list:
     if not isinstance(extra, list) or not all(isinstance(r, str) for r in extra):
         raise BadSample('"references" must be a string or a list of strings')
     return list(dict.fromkeys(extra))   # drop repeats, keep order
+
+
+def choice_field(record) -> list | None:
+    """The record's optional "choices": the answers a multiple-choice question offers (2 or more distinct
+    strings), ranked by the model's likelihood beside its generated answer; None where absent."""
+    choices = record.get("choices")
+    if choices is None:
+        return None
+    if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) and c.strip() for c in choices)
+            and len(set(choices)) == len(choices)):
+        raise BadSample(f'"choices" must be a list of 2 or more distinct non-empty strings, not {shown(choices)}')
+    return choices
 
 
 def is_number(value) -> bool:
@@ -236,9 +259,11 @@ def collate(items, pad_id: int, left_pad=False, warn_skipped=True, pack=False):
         ids[row, cols], labels[row, cols], mask[row, cols] = it["input_ids"], it["labels"], True
     batch.update(input_ids=ids, labels=labels, attention_mask=mask,
                  media=[m for it in good for m in it["media"]])
-    for key in ("id", "category", "subset", "reference", "references", "span", "duration", "phrasing"):
+    for key in ("id", "category", "subset", "reference", "references", "span", "duration", "phrasing", "choices",
+                "choice_ids"):
         if key in good[0]:
             batch[key] = [it.get(key) for it in good]
+    batch["media_counts"] = [len(it["media"]) for it in good]
     return batch
 
 

@@ -21,6 +21,7 @@ from dataset.metrics import GROUNDING_CATEGORIES, exact_match, grounding_score
 from dataset.vlm_dataset import ConversationDataset, MediaEntry, VisualInputs, collate, visual_inputs
 from model.chat import BadSample, ChatEncoder, TokenizerError, check_turns, load_tokenizer, marker_kinds
 from model.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from model.choices import ranked_choices
 from model.lora import LoraError, apply_adapter, base_of, find_adapter, read_info
 from model.video_summary import media_slot_counts, visual_token_counts
 from model.vision import FrameEncoder, VisionWeightsError
@@ -283,7 +284,8 @@ class Engine:
         A prediction: id, category, subset, prediction, reference, references (the last assistant
         turn plus the record's optional "references") and correct (normalised exact match); plus the
         record's duration and phrasing when it has them, and for a grounding question (a record "span",
-        or a category in grounding_categories) the true span and the answer's temporal iou.
+        or a category in grounding_categories) the true span and the answer's temporal iou; for a
+        multiple-choice record ("choices"), the likeliest choice and whether it is right (model/choices.py).
         """
         loader, encoder = self._data_loader(data_path, batch_size, media_root, feature_dir, strict)
         for batch in loader:
@@ -292,9 +294,11 @@ class Engine:
             if not batch["size"]:
                 yield AnsweredBatch([], batch["skipped"])
                 continue
-            answers = self.generate_batch(batch, visual_inputs(batch["media"], encoder, self.device), options)
-            yield AnsweredBatch([prediction(batch, i, a, grounding_categories) for i, a in enumerate(answers)],
-                                batch["skipped"])
+            visual = visual_inputs(batch["media"], encoder, self.device)
+            answers = self.generate_batch(batch, visual, options)
+            ranked = ranked_choices(self.model, batch, visual, self.chat.pad_id)
+            rows = [prediction(batch, i, a, grounding_categories, ranked[i]) for i, a in enumerate(answers)]
+            yield AnsweredBatch(rows, batch["skipped"])
 
     def _data_loader(self, data_path, batch_size, media_root, feature_dir, strict):
         """(DataLoader of left-padded batches, the encoder when some media is not in the feature cache)."""
@@ -330,11 +334,15 @@ def push(stream, shown: str, text: str) -> str:
     return shown
 
 
-def prediction(batch, i: int, answer: str, grounding_categories=GROUNDING_CATEGORIES) -> dict:
+def prediction(batch, i: int, answer: str, grounding_categories=GROUNDING_CATEGORIES, ranked=None) -> dict:
     refs = batch["references"][i]
     row = {"id": batch["id"][i], "category": batch["category"][i], "subset": batch["subset"][i],
            "prediction": answer, "reference": batch["reference"][i], "references": refs,
            "correct": exact_match(answer, refs)}
+    if ranked is not None:   # a multiple-choice record: the likeliest offered answer, scored beside the generated one
+        choice, scores = ranked
+        row.update(choices=batch["choices"][i], choice_scores=[round(x, 4) for x in scores], choice=choice,
+                   choice_correct=exact_match(choice, refs), answered_a_choice=exact_match(answer, batch["choices"][i]))
     # Exact match above still decides "correct"; the span adds its own score beside it.
     row.update(grounding_score(answer, row["reference"], row["category"], record_field(batch, "span", i),
                                grounding_categories))

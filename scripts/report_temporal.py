@@ -26,7 +26,7 @@ CATEGORY_ORDER = ["order", "count", "speed", "grounding", "needle_what", "needle
 TIMELINE_CATEGORIES = ("needle_when", "grounding")   # the questions whose answer is a span of time
 TIMELINE_VIDEOS = 6
 METRIC_KEYS = ("accuracy", "by_category", "by_subset", "by_duration", "grounding_by_duration", "by_phrasing",
-               "grounding", "n")
+               "grounding", "choices", "n")
 
 
 # ---------------------------------------------------------------- metrics.json
@@ -147,7 +147,30 @@ def section_results(runs: dict, preds: list):
                         lambda m: m.get("by_phrasing")), ""]
     if model.get("skipped"):
         text += [f"Skipped (unreadable) test samples: {model['skipped']}.", ""]
-    return text + section_grounding(columns)
+    return text + section_grounding(columns) + section_choices(columns)
+
+
+CHOICE_FIGURES = ("generated", "answered_a_choice", "ranked")
+
+
+def choice_cell(figures) -> str:
+    return " / ".join(pct((figures or {}).get(key)) for key in CHOICE_FIGURES)
+
+
+def section_choices(columns):
+    """Questions that offer their answers: what each run wrote against the option it finds likeliest."""
+    offered = [(title, m["choices"]) for title, m in columns if m.get("choices")]
+    if not offered:
+        return []
+    first = offered[0][1]
+    rows = [[cat, first["by_category"][cat]["n"]] + [choice_cell(ch["by_category"].get(cat)) for _, ch in offered]
+            for cat in ordered(first["by_category"], CATEGORY_ORDER)]
+    rows.append(["all", first["n"]] + [choice_cell(ch) for _, ch in offered])
+    return ["## Questions that offer their answers", "",
+            "\"Which happens first: A or B?\" and the like: accuracy of the written answers / share of them that are "
+            "one of the options / accuracy of the option the run finds likeliest (in no figure above; "
+            "docs/metrics.md).", "",
+            table(["category", "n"] + [title for title, _ in offered], rows), ""]
 
 
 def number(x):

@@ -411,7 +411,7 @@ def test_activitynet_bad_events_skip_the_video_naming_the_event(tmp_path):
         list(convert_records("activitynet-captions", source, Options(), Counter()))
 
 
-def test_nextqa_references_mapping_and_missing_columns(tmp_path, tokenizer):
+def test_nextqa_references_choices_mapping_and_missing_columns(tmp_path, tokenizer):
     records, _ = convert(tmp_path, "nextqa")
     out = tmp_path / "out" / "nextqa.jsonl"
     out.parent.mkdir()
@@ -419,6 +419,9 @@ def test_nextqa_references_mapping_and_missing_columns(tmp_path, tokenizer):
     data = ConversationDataset(out, ChatEncoder(tokenizer, 2), num_frames=4, max_len=512, for_generation=True,
                                cache=StandInCache({r["video"]: torch.zeros(4, 8) for r in records}))
     assert data[0]["references"] == ["(B) to get the ball", "B", "to get the ball"]
+    assert data[0]["choices"] == ["(A) to hide", "(B) to get the ball", "(C) to open it", "(D) to meet his dad",
+                                  "(E) to leave"]
+    assert len(data[0]["choice_ids"]) == 5   # eval.py ranks each as the answer
     records, counts = convert(tmp_path, "nextqa", nextqa_mapping={"2440175990": "0000/2440175990"})
     assert counts["unknown_video_id"] == 1 and len(records) == 1
     records, _ = convert(tmp_path, "nextqa", nextqa_mapping=None)

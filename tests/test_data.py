@@ -267,6 +267,17 @@ def test_for_generation_carries_span_duration_and_phrasing_into_the_batch(tmp_pa
     assert batch["phrasing"] == ["held_out", None]
 
 
+def test_for_generation_encodes_the_conversation_once_per_choice(tmp_path, chat, synthetic, frame_encoder):
+    path = write_jsonl(tmp_path / "data.jsonl", [{**record(answer="red"), "choices": ["blue", "red"]}, record()])
+    data = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)
+    trained = make_dataset(path, chat, synthetic, frame_encoder)[0]   # the record as training reads it
+    assert data[0]["choices"] == ["blue", "red"] and data[1]["choices"] is None and data[1]["choice_ids"] == []
+    ids, labels = data[0]["choice_ids"][1]   # answered "red", the record's own answer
+    assert ids.tolist() == trained["input_ids"].tolist() and labels.tolist() == trained["labels"].tolist()
+    batch = collate([data[0], data[1]], pad_id=chat.pad_id, left_pad=True)
+    assert batch["choices"] == [["blue", "red"], None] and batch["media_counts"] == [1, 1]
+
+
 BAD_TIMING = {
     "span not a pair": ({"span": [1.0]}, '"span"'),
     "span ends first": ({"span": [3.0, 1.0]}, '"span"'),
@@ -275,11 +286,15 @@ BAD_TIMING = {
     "duration a word": ({"duration": "long"}, '"duration"'),
     "negative duration": ({"duration": -1}, '"duration"'),
     "unknown phrasing": ({"phrasing": "novel"}, '"phrasing"'),
+    "one choice": ({"choices": ["red"]}, '"choices"'),
+    "a repeated choice": ({"choices": ["red", "red"]}, '"choices"'),
+    "an empty choice": ({"choices": ["red", " "]}, '"choices"'),
+    "choices a string": ({"choices": "red or blue"}, '"choices"'),
 }
 
 
 @pytest.mark.parametrize("case", BAD_TIMING)
-def test_a_malformed_span_duration_or_phrasing_makes_a_bad_sample(tmp_path, chat, synthetic, frame_encoder, case):
+def test_a_malformed_span_duration_phrasing_or_choices_makes_a_bad_sample(tmp_path, chat, synthetic, frame_encoder, case):
     fields, detail = BAD_TIMING[case]
     path = write_jsonl(tmp_path / "data.jsonl", [record(), {**record(), **fields}])
     data = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)

@@ -49,7 +49,9 @@ def fabricated_metrics(preds):
             "by_phrasing": {"phrasing_seen": acc([p for p in preds if p["phrasing"] == "seen"]),
                             "phrasing_held_out": acc([p for p in preds if p["phrasing"] == "held_out"])},
             "grounding": {"miou": round(sum(p["iou"] for p in grounded) / len(grounded), 4), "r@0.3": 0.5,
-                          "r@0.5": 0.5, "r@0.7": 0.5, "n": len(grounded), "unparsed": 0}}
+                          "r@0.5": 0.5, "r@0.7": 0.5, "n": len(grounded), "unparsed": 0},
+            "choices": {"generated": 0.25, "answered_a_choice": 0.5, "ranked": 0.75, "n": 4,
+                        "by_category": {"order": {"generated": 0.25, "answered_a_choice": 0.5, "ranked": 0.75, "n": 4}}}}
 
 
 def write_json(path, value):
@@ -117,6 +119,18 @@ def test_report_has_the_tables_the_timeline_and_the_caveats(fake_run):
         assert needle in text, needle
     for png in ("timeline.png", "loss_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_card_sets_the_likeliest_option_beside_the_written_answers(fake_run):
+    out, data = fake_run
+    metrics, text = run_report(out, data)
+    assert metrics["choices"]["ranked"] == 0.75 and metrics["ablation_mean"]["choices"]["n"] == 4
+    assert "| order | 4 | 25.0% / 50.0% / 75.0% |" in text and "| all | 4 |" in text
+    for name in RUNS:   # no multiple-choice records: the key says so and the card has no such section
+        path = out / f"metrics_{name}.json"
+        write_json(path, {**json.loads(path.read_text()), "choices": None})
+    metrics, text = run_report(out, data)
+    assert metrics["choices"] is None and "offer their answers" not in text
 
 
 def test_a_missing_ablation_is_left_out(fake_run):

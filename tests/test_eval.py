@@ -205,3 +205,59 @@ def test_batch_mode_scores_grounding_duration_and_phrasing(timed_run):
 def test_grounding_categories_choose_whose_reference_is_the_true_span(timed_run):
     _, metrics, _ = timed_run("--grounding_categories", "count")
     assert metrics["grounding"]["n"] == 1   # only the record with its own "span"
+
+
+@pytest.fixture(scope="module")
+def multiple_choice(synthetic, tmp_path_factory):
+    """The synthetic test records, every other one offering its answer and another record's as choices."""
+    lines = [json.loads(line) for line in (synthetic / "test.jsonl").read_text().splitlines()][:10]
+    answers = [r["conversations"][-1]["content"] for r in lines]
+    for i, r in enumerate(lines[::2]):
+        other = next(a for a in answers if a != answers[2 * i])
+        r["choices"] = [other, answers[2 * i]] if i % 2 else [answers[2 * i], other]
+    path = tmp_path_factory.mktemp("choices") / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_each_choice_is_scored_by_the_likelihood_training_gives_that_answer(video_checkpoint, multiple_choice, synthetic):
+    import torch
+    from dataset.vlm_dataset import ConversationDataset, collate, visual_inputs
+    from model.engine import Engine, SamplingOptions
+    engine = Engine.load(weight=str(video_checkpoint))
+    rows = [p for batch in engine.answer_dataset(multiple_choice, SamplingOptions(max_new_tokens=8), batch_size=4,
+                                                 media_root=synthetic) for p in batch.predictions]
+    cfg, records = engine.model.vision_cfg, [json.loads(line) for line in multiple_choice.read_text().splitlines()]
+    assert ["choice" in p for p in rows] == ["choices" in r for r in records]
+    for p, r in zip(rows, records):
+        if "choices" not in r:
+            continue
+        answered = [{**r, "conversations": r["conversations"][:-1] + [{"role": "assistant", "content": c}]}
+                    for c in r["choices"]]
+        path = multiple_choice.parent / "answered.jsonl"
+        path.write_text("".join(json.dumps(a) + "\n" for a in answered))
+        data = ConversationDataset(path, engine.chat, cfg.num_frames, engine.max_seq_len, media_root=synthetic,
+                                   preprocess=engine.encoder.clip_inputs)
+        batch = collate([data[0], data[1]], pad_id=engine.chat.pad_id)
+        with torch.no_grad():
+            losses = [float(engine.model(batch["input_ids"][k:k + 1], batch["labels"][k:k + 1],
+                                         *visual_inputs(batch["media"][k:k + 1], engine.encoder))[0]) for k in (0, 1)]
+        assert p["choice_scores"] == pytest.approx([-x for x in losses], abs=2e-3)
+        assert p["choice"] == r["choices"][losses.index(min(losses))]
+        assert p["choice_correct"] == (p["choice"] == r["conversations"][-1]["content"])
+        assert p["answered_a_choice"] == (p["prediction"].lower() in [c.lower() for c in r["choices"]])
+
+
+def test_metrics_set_the_likeliest_choice_beside_the_generated_answers(video_checkpoint, multiple_choice, synthetic,
+                                                                     tmp_path):
+    result = eval_py(f"--weight={video_checkpoint}", f"--data_path={multiple_choice}", "--max_new_tokens=8",
+                     f"--media_root={synthetic}",
+                     f"--out={tmp_path / 'preds.jsonl'}", f"--metrics_out={tmp_path / 'metrics.json'}")
+    assert result.returncode == 0, result.stderr
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    offered = [p for p in preds if "choice" in p]
+    choices = json.loads((tmp_path / "metrics.json").read_text())["choices"]
+    assert choices["n"] == len(offered) == 5
+    assert choices["ranked"] == pytest.approx(sum(p["choice_correct"] for p in offered) / 5, abs=1e-4)
+    assert choices["generated"] == pytest.approx(sum(p["correct"] for p in offered) / 5, abs=1e-4)
+    assert sum(c["n"] for c in choices["by_category"].values()) == 5

@@ -116,6 +116,22 @@ def test_records_carry_their_fields_and_each_category_is_tested(suite):
     assert meta["test_categories"] == {c: sum(r["category"] == c for r in test) for c in sorted(st.CATEGORIES)}
 
 
+def test_two_way_test_questions_list_their_options_as_choices_in_the_order_asked(suite):
+    out = suite[0]
+    test = read_jsonl(out / "test.jsonl")
+    offered = [r for r in test if "choices" in r]
+    assert {r["id"].rsplit("-", 1)[-1] for r in offered} <= {"order_first", "speed", "reversed_direction",
+                                                              "reversed_presence"}
+    assert {r["id"].rsplit("-", 1)[-1] for r in test if r["id"].endswith(("-order_first", "-speed"))} \
+        <= {r["id"].rsplit("-", 1)[-1] for r in offered}
+    for record in offered:
+        question, answer = record["conversations"][-2]["content"], record["conversations"][-1]["content"]
+        assert answer in record["choices"] and len(record["choices"]) == 2
+        if not record["category"] == "reversed":   # the options are named in the question, in that order
+            assert question.index(record["choices"][0]) < question.index(record["choices"][1])
+    assert not any("choices" in r for split in ("pretrain", "sft_video") for r in read_jsonl(out / f"{split}.jsonl"))
+
+
 def span_frames(record, scene):
     start, end = record["span"]
     assert 0 <= start <= end <= (scene.frames - 1) / scene.fps
