@@ -71,7 +71,7 @@ PAIR_PROBABILITIES = (("reversed", 0.2), ("sped_up", 0.2))
 HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 HELD_OUT_PHRASING_PROBABILITY = 0.5
-ORDER_ANSWERS = ("event", "timeline")
+ORDER_ANSWERS = ("event", "timeline", "restate")
 CAPTION_SFT_SHARE = 0.25   # training conversations that also ask for the caption: SFT keeps "describe it"
 MAX_SCENE_TRIES = 500
 LENGTHEN_EVERY = 50   # failed draws before a scene gets one grid step longer
@@ -166,8 +166,9 @@ class Settings:
     """How the suite is made: frames a second, frame side in pixels, the seconds a training video
     lasts (min to max) and a test video at most, the encoder, and how many order questions of each
     form a training conversation asks (where the video allows that many), and how order questions are
-    answered: "event" (the event alone) or "timeline" (the video's timed events first, then
-    "Answer: <the event>", which scoring reads)."""
+    answered: "event" (the event alone), "timeline" (the video's timed events first, then
+    "Answer: <the event>", which scoring reads) or "restate" (a before / after question's anchor
+    first: "after the red square stops. Answer: <the event>.")."""
     fps: int = 4
     size: int = 64
     min_seconds: float = 4.0
@@ -175,7 +176,7 @@ class Settings:
     test_max_seconds: float = 120.0
     codec: str = "libx264"
     order_questions: int = 1
-    order_answers: str = "event"   # one of ORDER_ANSWERS
+    order_answers: str = "restate"   # one of ORDER_ANSWERS
 
 
 @dataclass(frozen=True)
@@ -673,9 +674,23 @@ def action_fills(scene: Scene, event: Event) -> dict:
 # ---------------------------------------------------------------- questions
 
 
-def timeline_answer(timeline: str, answer: str) -> str:
-    """The reasoned form of an order answer: the video's timed events (its caption), then the answer after the marker."""
-    return f"{timeline} {ANSWER_MARKER} {answer}."
+def order_answer(answers: str, answer: str, timeline: str = "", restated: str = "") -> str:
+    """An order answer as `answers` says: the event alone; the video's timed events (its caption) first;
+    or, for a before / after question, its anchor restated first ("after the red square stops"). The
+    reasoned forms end with the marker and the event, which scoring reads."""
+    if answers == "timeline":
+        return f"{timeline} {ANSWER_MARKER} {answer}."
+    if answers == "restate" and restated:
+        return f"{restated}. {ANSWER_MARKER} {answer}."
+    return answer
+
+
+def anchored_question(scene: Scene, relation: str, anchor: int, answer: int, answers: str, timeline="") -> Question:
+    """ "What happens {relation} <the anchor event>?", answered with the event next to it that way."""
+    anchor_text = anchor_phrase(scene, scene.events[anchor], relation)
+    return Question(f"order_{relation}", {"event": anchor_text},
+                    order_answer(answers, event_phrase(scene, scene.events[answer]), timeline,
+                                 f"{relation} {anchor_text}"))
 
 
 def order_questions(scene: Scene, rng, answers: str = "event") -> dict:
@@ -683,16 +698,16 @@ def order_questions(scene: Scene, rng, answers: str = "event") -> dict:
     if len(events) < 3:
         return {}
     phrase = lambda i: event_phrase(scene, events[i])  # noqa: E731
-    timeline = caption(scene) if answers == "timeline" else None
-    said = (lambda i: timeline_answer(timeline, phrase(i))) if timeline else phrase  # noqa: E731
-    after = [Question("order_after", {"event": anchor_phrase(scene, events[i], "after")}, said(i + 1))
+    timeline = caption(scene) if answers == "timeline" else ""
+    after = [anchored_question(scene, "after", i, i + 1, answers, timeline)
              for i in range(len(events) - 1) if {i, i + 1} <= unique]
-    before = [Question("order_before", {"event": anchor_phrase(scene, events[i], "before")}, said(i - 1))
+    before = [anchored_question(scene, "before", i, i - 1, answers, timeline)
               for i in range(1, len(events)) if {i, i - 1} <= unique]
     first = []
     for i, j in itertools.combinations(sorted(unique), 2):
         shown = (phrase(i), phrase(j)) if rng.random() < 0.5 else (phrase(j), phrase(i))
-        first.append(Question("order_first", {"event": shown[0], "other": shown[1]}, said(i)))
+        first.append(Question("order_first", {"event": shown[0], "other": shown[1]}, order_answer(answers, phrase(i),
+                                                                                                   timeline)))
     return {"order_after": after, "order_before": before, "order_first": first}
 
 
@@ -743,11 +758,14 @@ def needle_questions(scene: Scene) -> dict:
             "needle_when": [Question("needle_when", {"object": name}, span_answer(span), span)]}
 
 
-def followup_questions(scene: Scene) -> dict:
+def followup_questions(scene: Scene, order_answers: str = "event") -> dict:
+    """Follow-ups and their openers. An opener is answered as a lone order question would be, except that
+    it never tells the timeline: no test question may be asked with the true timed events above it."""
     events, unique = scene.events, unique_event_indices(scene)
     phrase = lambda i: event_phrase(scene, events[i])  # noqa: E731
-    chained = [Question("followup_next", {}, phrase(i + 2),
-                        opener=Question("order_after", {"event": anchor_phrase(scene, events[i], "after")}, phrase(i + 1)))
+    opener_answers = "event" if order_answers == "timeline" else order_answers
+    chained = [Question("followup_next", {}, phrase(i + 2), opener=anchored_question(scene, "after", i, i + 1,
+                                                                                     opener_answers))
                for i in range(len(events) - 2) if {i, i + 1, i + 2} <= unique]
     colour = []
     motions = [e for e in events if e.kind in MOTION_KINDS]
@@ -762,10 +780,10 @@ def followup_questions(scene: Scene) -> dict:
 
 def question_options(scene: Scene, rng, order_answers: str = "event") -> dict:
     """Every form's candidate questions about the scene (pair forms aside), form -> [Question]; order
-    questions answered as order_answers says (a followup's opener always by the event alone)."""
+    questions answered as order_answers says (a followup's opener never through the timeline)."""
     options = {}
     for found in (order_questions(scene, rng, order_answers), count_questions(scene), speed_questions(scene, rng),
-                  grounding_questions(scene), needle_questions(scene), followup_questions(scene)):
+                  grounding_questions(scene), needle_questions(scene), followup_questions(scene, order_answers)):
         options.update({form: questions for form, questions in found.items() if questions})
     return options
 

@@ -25,7 +25,7 @@ TEST_MAX_SECONDS=${TEST_MAX_SECONDS:-$(( 2 * ${MAX_SECONDS%.*} ))}   # longest t
 VIDEO_FPS=${VIDEO_FPS:-4}       # frames a second in the files
 VIDEO_SIZE=${VIDEO_SIZE:-64}    # frame side in pixels
 ORDER_QUESTIONS=${ORDER_QUESTIONS:-1}   # order questions of each form per training conversation (README)
-ORDER_ANSWERS=${ORDER_ANSWERS:-event}   # timeline: order answers list the timed events first, then "Answer: ..." (README)
+ORDER_ANSWERS=${ORDER_ANSWERS:-restate}   # "after <the anchor>. Answer: ..."; event: the event alone; timeline (README)
 # --- the visual path
 SAMPLE_FPS=${SAMPLE_FPS:-1}     # frames sampled a second of video
 FRAME_CAP=${FRAME_CAP:-128}     # at most this many frames per video (longer videos: spread evenly)

@@ -27,9 +27,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=even_size, default=64, help="frame side in pixels")
     parser.add_argument("--order_questions", type=int_at_least(1), default=1,
                         help="order questions of each form (after, before, which first) per training conversation")
-    parser.add_argument("--order_answers", choices=ORDER_ANSWERS, default="event",
-                        help="order answers: the event alone, or the video's timed events first, then "
-                             "'Answer: <the event>' (scored on what follows the marker)")
+    parser.add_argument("--order_answers", choices=ORDER_ANSWERS, default="restate",
+                        help="order answers: the event alone; the video's timed events first, then "
+                             "'Answer: <the event>'; or a before / after question's anchor restated first, "
+                             "'after <the anchor>. Answer: <the event>.' (both scored on what follows the marker)")
     parser.add_argument("--workers", type=int_at_least(1), default=2)
     args = parser.parse_args(argv)
     args.test_max_seconds = args.test_max_seconds or 2 * args.max_seconds

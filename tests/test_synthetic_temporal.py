@@ -335,7 +335,7 @@ def test_more_order_questions_add_distinct_ones_and_leave_the_rest_alone():
 def test_timeline_order_answers_tell_the_events_first_and_change_nothing_else():
     settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
     _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
-    plain, told = st.build_splits(SEED, train, test, settings), st.build_splits(
+    plain, told = st.build_splits(SEED, train, test, replace(settings, order_answers="event")), st.build_splits(
         SEED, train, test, replace(settings, order_answers="timeline"))
     assert plain["pretrain"] == told["pretrain"]
     captions = {st.video_path(v.scene): st.caption(v.scene) for v in train + test}
@@ -355,6 +355,27 @@ def test_timeline_order_answers_tell_the_events_first_and_change_nothing_else():
         assert told_at == list(range(len(answers) - len(told_at), len(answers))), record["id"]   # all at the end
         for text in answers[:len(answers) - len(told_at)]:
             assert st.ANSWER_MARKER not in text
+
+
+def test_restated_order_answers_repeat_the_anchor_first_and_change_nothing_else():
+    settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
+    _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
+    plain, restated = st.build_splits(SEED, train, test, replace(settings, order_answers="event")), st.build_splits(
+        SEED, train, test, settings)   # restated: the default
+    assert plain["pretrain"] == restated["pretrain"]
+    changed = 0
+    for a, b in zip(plain["test"] + plain["sft_video"], restated["test"] + restated["sft_video"], strict=True):
+        assert a["conversations"][0::2] == b["conversations"][0::2]   # the same questions, in the same order
+        for question, answer, said in zip(a["conversations"][0::2], a["conversations"][1::2], b["conversations"][1::2]):
+            if said != answer:   # an order question about an anchor event (a followup's opener too)
+                relation, anchor, event = re.fullmatch(r"(after|before) (the .+)\. Answer: (.+)\.", said["content"]).groups()
+                assert anchor in question["content"] and event == answer["content"]
+                assert (relation == "before") == ("before" in question["content"].lower())
+                assert exact_match(answer["content"], [said["content"]])
+                changed += 1
+            else:
+                assert st.ANSWER_MARKER not in said["content"]
+    assert changed > 0
 
 
 def test_some_training_conversations_also_ask_for_the_caption(suite):
