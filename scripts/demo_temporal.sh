@@ -46,7 +46,7 @@ LAYERS=${LAYERS:-4}             # the LM's depth (scripts/demo.sh: 2); 4 fit the
 ABLATIONS=${ABLATIONS-mean no_time}     # space-separated, any of: mean no_time ("" runs the model alone)
 FRESH_DATA=${FRESH_DATA:-1}     # 0: keep the data folder (and its features) if made with the same settings
 # --- where things go (checkpoints, logs, tokenizer and the report under OUT_DIR; the tower as in demo.sh)
-OUT_DIR=${OUT_DIR:-out/temporal$([ "$ORACLE" = 1 ] && echo _oracle)}
+OUT_DIR=${OUT_DIR:-out/temporal$([ "$ORACLE" != 1 ] || echo _oracle)}   # (an assignment takes its $(...)'s status: set -e)
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
 SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE ORDER_QUESTIONS ORDER_ANSWERS VOCAB CLIP_MODEL

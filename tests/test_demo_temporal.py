@@ -193,8 +193,13 @@ def test_demo_temporal_with_oracle_features_trains_and_scores_on_them(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["n"] > 0
 
 
-def test_demo_temporal_rejects_an_unknown_ablation(tmp_path):
-    env = {**os.environ, "ABLATIONS": "mean nope", "OUT_DIR": str(tmp_path / "out"), "DATA_DIR": str(tmp_path / "d")}
+@pytest.mark.parametrize("folders", ["given", "default", "default oracle"])
+def test_demo_temporal_rejects_an_unknown_ablation(tmp_path, folders):
+    """Checked before anything is written; reached with the default folders too (their defaults evaluate)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT_DIR", "DATA_DIR", "ORACLE")}
+    env.update({"ABLATIONS": "mean nope", **({"ORACLE": "1"} if "oracle" in folders else {})})
+    if folders == "given":
+        env.update({"OUT_DIR": str(tmp_path / "out"), "DATA_DIR": str(tmp_path / "d")})
     run = subprocess.run(["bash", "scripts/demo_temporal.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=60)
     assert run.returncode == 2 and run.stderr.strip() == "error: ABLATIONS: unknown ablation 'nope' (known: mean no_time)"
