@@ -4,7 +4,7 @@ import time
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.synthetic import even_size, int_at_least, pick_codec
-from dataset.synthetic_temporal import ORDER_ANSWERS, Settings, generate
+from dataset.synthetic_temporal import DEFAULT_ORDER_ANSWERS, ORDER_ANSWERS, Settings, generate
 
 
 def positive_seconds(text: str) -> float:
@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=even_size, default=64, help="frame side in pixels")
     parser.add_argument("--order_questions", type=int_at_least(1), default=1,
                         help="order questions of each form (after, before, which first) per training conversation")
-    parser.add_argument("--order_answers", choices=ORDER_ANSWERS, default="restate",
+    parser.add_argument("--order_answers", choices=ORDER_ANSWERS, default=DEFAULT_ORDER_ANSWERS,
                         help="order answers: the event alone; the video's timed events first, then "
                              "'Answer: <the event>'; or a before / after question's anchor restated first, "
                              "'after <the anchor>. Answer: <the event>.' (both scored on what follows the marker)")
