@@ -62,7 +62,8 @@ def score(engine, args, options):
 
     Every answer is exact-matched (normalised) against its references: the last assistant turn plus
     the record's optional "references" list; caption categories also get BLEU-4 / ROUGE-L / CIDEr,
-    grounding questions temporal IoU (mIoU, R@k).
+    grounding questions temporal IoU (mIoU, R@k); a record with "choices" also has each choice ranked
+    by the model's likelihood (model/choices.py), reported apart.
     """
     preds, skipped, start = [], 0, time.perf_counter()
     for answered in engine.answer_dataset(args.data_path, options, batch_size=args.batch_size,
@@ -83,10 +84,12 @@ def score(engine, args, options):
 
 
 def one_line_summary(metrics) -> dict:
-    """The headline keys, plus the time-related groups when the data had any."""
+    """The headline keys, plus the time-related groups and the multiple-choice figures when the data had any."""
     summary = {k: metrics[k] for k in ("accuracy", "n", "skipped", "by_category", "caption_metrics")}
     summary.update({k: metrics[k] for k in ("grounding", "by_duration", "grounding_by_duration", "by_phrasing")
                     if metrics.get(k)})
+    if metrics.get("choices"):   # the multiple-choice records' overall figures (by category in metrics_out)
+        summary["choices"] = {k: v for k, v in metrics["choices"].items() if k != "by_category"}
     return summary
 
 

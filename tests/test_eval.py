@@ -261,3 +261,5 @@ def test_metrics_set_the_likeliest_choice_beside_the_generated_answers(video_che
     assert choices["ranked"] == pytest.approx(sum(p["choice_correct"] for p in offered) / 5, abs=1e-4)
     assert choices["generated"] == pytest.approx(sum(p["correct"] for p in offered) / 5, abs=1e-4)
     assert sum(c["n"] for c in choices["by_category"].values()) == 5
+    printed = json.loads(result.stdout.strip().splitlines()[-1])["choices"]
+    assert printed == {k: v for k, v in choices.items() if k != "by_category"}
