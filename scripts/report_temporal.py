@@ -27,6 +27,7 @@ TIMELINE_CATEGORIES = ("needle_when", "grounding")   # the questions whose answe
 TIMELINE_VIDEOS = 6
 METRIC_KEYS = ("accuracy", "by_category", "by_subset", "by_duration", "grounding_by_duration", "by_phrasing",
                "grounding", "choices", "n")
+CHOICE_FIGURES = ("generated", "answered_a_choice", "ranked")   # a cell of the multiple-choice table, in order
 
 
 # ---------------------------------------------------------------- metrics.json
@@ -148,9 +149,6 @@ def section_results(runs: dict, preds: list):
     if model.get("skipped"):
         text += [f"Skipped (unreadable) test samples: {model['skipped']}.", ""]
     return text + section_grounding(columns) + section_choices(columns)
-
-
-CHOICE_FIGURES = ("generated", "answered_a_choice", "ranked")
 
 
 def choice_cell(figures) -> str:
