@@ -19,6 +19,7 @@ import torch
 
 from dataset.media import IMAGE_SUFFIXES, MAX_SIDE, uniform_indices
 from dataset.vlm_dataset import MediaEntry, collate, visual_inputs
+from model.choices import answer_loglikelihoods
 from model.engine import MEDIA_KINDS, Engine, EngineError, SamplingOptions
 
 try:
@@ -157,20 +158,8 @@ class EngineModel(lmms):
         if width > engine.max_seq_len:
             raise EngineError(f"a prompt with its answer is {width} tokens, longer than the model's context "
                               f"({engine.max_seq_len})")
-        # Right padding: causal attention keeps every real token's logits as they are unpadded.
-        ids = torch.full((len(chunk), width), engine.chat.pad_id, dtype=torch.long)
-        for row, (prompt, _, answer) in enumerate(chunk):
-            ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
         visual = visual_inputs([m for _, media, _ in chunk for m in media], None, engine.device)
-        logits = engine.model(ids.to(engine.device), features=visual.features, frame_mask=visual.frame_mask,
-                              frame_times=visual.frame_times).float()
-        results = []
-        for row, (prompt, _, answer) in enumerate(chunk):
-            steps = logits[row, len(prompt) - 1:len(prompt) + len(answer) - 1].log_softmax(-1)
-            target = torch.tensor(answer, device=steps.device)
-            results.append((float(steps.gather(1, target[:, None]).sum()),
-                            bool((steps.argmax(-1) == target).all())))
-        return results
+        return answer_loglikelihoods(engine.model, [(p, a) for p, _, a in chunk], visual, engine.chat.pad_id)
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError(f"{MODEL_NAME}: multi-round generation is not supported")

@@ -143,17 +143,16 @@ class ConversationDataset(Dataset):
             item["references"] = [reference] + [r for r in extra_references(record) if r != reference]
             item.update(timing_fields(record))
             item["choices"] = choice_field(record)
-            item["choice_ids"] = [self._encode_choice(conversations, c, counts) for c in item["choices"] or ()]
+            item["choice_ids"] = [self._choice_ids(len(ids), c) for c in item["choices"] or ()]
         return item
 
-    def _encode_choice(self, conversations, choice: str, counts) -> tuple:
-        """(ids, labels) of the conversation answered with `choice`: labels cover the choice and its end token."""
-        ids, labels, _ = self.chat.encode(conversations + [{"role": "assistant", "content": choice}],
-                                          slot_counts=counts)
-        if len(ids) > self.max_len:
-            raise BadSample(f"answered with the choice {shown(choice)}, {len(ids)} tokens, longer than "
-                            f"max_len={self.max_len}")
-        return torch.tensor(ids), torch.tensor(labels)
+    def _choice_ids(self, prompt_len: int, choice: str) -> list:
+        """The tokens a reply of `choice` adds after the prompt (as training encodes an answer: text, end token)."""
+        answer = self.chat.text(choice) + [self.chat.im_end]
+        if prompt_len + len(answer) > self.max_len:
+            raise BadSample(f"answered with the choice {shown(choice)}, {prompt_len + len(answer)} tokens, longer "
+                            f"than max_len={self.max_len}")
+        return answer
 
     def _media(self, record, kinds):
         """One MediaEntry per marker, in marker order: cached features, or clip inputs to encode.

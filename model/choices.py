@@ -1,16 +1,14 @@
-"""Multiple choice by likelihood: each offered answer scored as the model's reply, the likeliest one taken.
+"""Answers scored by likelihood: the log-probability of an answer after its prompt, and multiple choice by it.
 
 A question that offers its answers ("Which happens first: A or B?", a lettered NExT-QA question) can be
 answered two ways: the model writes an answer (generation, what a user gets), or each offered answer is
 scored by the log-likelihood the model gives it as the whole reply, end token included (what benchmark
-harnesses call multiple-choice scoring). The gap between the two tells whether the model knows the
-answer but fails to say it.
+harnesses call multiple-choice scoring; benchmarks/lmms_model.py scores lmms-eval's options the same way).
+The gap between the two tells whether the model knows the answer but fails to say it.
 """
 import torch
-import torch.nn.functional as F
 
 from dataset.vlm_dataset import VisualInputs
-from model.chat import IGNORE
 
 
 def row_visual(visual: VisualInputs, start: int, stop: int, copies: int) -> VisualInputs:
@@ -22,27 +20,28 @@ def row_visual(visual: VisualInputs, start: int, stop: int, copies: int) -> Visu
 
 
 @torch.no_grad()
-def choice_loglikelihoods(model, encoded, visual: VisualInputs, pad_id: int) -> list:
-    """The summed log-probability of each choice's answer tokens (labels != IGNORE) given what precedes them.
-
-    encoded: one (ids, labels) per choice, the same conversation answered with each; visual: the media of
-    that one conversation, already repeated once per choice (row_visual)."""
+def answer_loglikelihoods(model, rows, visual: VisualInputs, pad_id: int) -> list:
+    """(summed log-probability of the answer's tokens, whether greedy decoding gives exactly them) per
+    (prompt ids, answer ids) row, in one forward pass; visual: the rows' media in row order."""
     device = next(model.parameters()).device
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE, dtype=torch.long)
-    for row, (row_ids, row_labels) in enumerate(encoded):   # right padding: a causal model never reads it
-        ids[row, :len(row_ids)], labels[row, :len(row_labels)] = row_ids, row_labels
+    width = max(len(prompt) + len(answer) for prompt, answer in rows)
+    # Right padding: causal attention keeps every real token's logits as they are unpadded.
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for row, (prompt, answer) in enumerate(rows):
+        ids[row, :len(prompt) + len(answer)] = torch.tensor(list(prompt) + list(answer))
     logits = model(ids.to(device), features=visual.features, frame_mask=visual.frame_mask,
-                   frame_times=visual.frame_times)
-    targets = labels[:, 1:].to(device)
-    scored = targets != IGNORE
-    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
-    return (logprobs.squeeze(-1) * scored).sum(dim=1).tolist()
+                   frame_times=visual.frame_times).float()
+    results = []
+    for row, (prompt, answer) in enumerate(rows):
+        steps = logits[row, len(prompt) - 1:len(prompt) + len(answer) - 1].log_softmax(-1)
+        target = torch.as_tensor(answer, device=steps.device)
+        results.append((float(steps.gather(1, target[:, None]).sum()), bool((steps.argmax(-1) == target).all())))
+    return results
 
 
 def ranked_choices(model, batch, visual: VisualInputs, pad_id: int) -> list:
-    """Per batch row: (the likeliest choice, each choice's log-likelihood), or None where the record offers none."""
+    """Per row of a left-padded generation batch: (the likeliest choice, each choice's log-likelihood), or
+    None where the record offers none. batch["choice_ids"]: each choice's answer ids (its text, end token)."""
     starts = [0]
     for count in batch["media_counts"]:
         starts.append(starts[-1] + count)
@@ -51,7 +50,9 @@ def ranked_choices(model, batch, visual: VisualInputs, pad_id: int) -> list:
         if not choices:
             ranked.append(None)
             continue
-        rows_visual = row_visual(visual, starts[row], starts[row + 1], len(choices))
-        scores = choice_loglikelihoods(model, batch["choice_ids"][row], rows_visual, pad_id)
+        prompt = batch["input_ids"][row][batch["attention_mask"][row]].tolist()
+        rows = [(prompt, answer) for answer in batch["choice_ids"][row]]
+        visual_rows = row_visual(visual, starts[row], starts[row + 1], len(choices))
+        scores = [score for score, _ in answer_loglikelihoods(model, rows, visual_rows, pad_id)]
         ranked.append((choices[max(range(len(choices)), key=scores.__getitem__)], scores))
     return ranked

@@ -272,8 +272,10 @@ def test_for_generation_encodes_the_conversation_once_per_choice(tmp_path, chat,
     data = make_dataset(path, chat, synthetic, frame_encoder, for_generation=True)
     trained = make_dataset(path, chat, synthetic, frame_encoder)[0]   # the record as training reads it
     assert data[0]["choices"] == ["blue", "red"] and data[1]["choices"] is None and data[1]["choice_ids"] == []
-    ids, labels = data[0]["choice_ids"][1]   # answered "red", the record's own answer
-    assert ids.tolist() == trained["input_ids"].tolist() and labels.tolist() == trained["labels"].tolist()
+    answer, prompt = data[0]["choice_ids"][1], data[0]["input_ids"].tolist()   # answered "red", its own answer
+    ids, labels = trained["input_ids"].tolist(), trained["labels"].tolist()
+    assert answer == [t for t, label in zip(ids, labels) if label != IGNORE]   # what training scores, and only it
+    assert prompt + answer == ids[:len(prompt) + len(answer)]
     batch = collate([data[0], data[1]], pad_id=chat.pad_id, left_pad=True)
     assert batch["choices"] == [["blue", "red"], None] and batch["media_counts"] == [1, 1]
 
