@@ -68,6 +68,36 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def segment_spans(segments) -> list:
+    """(row, start, end) of each conversation in a packed batch (segments: (B, L), 0 for padding)."""
+    spans = []
+    for row, ids in enumerate(segments.cpu()):
+        values, counts = torch.unique_consecutive(ids, return_counts=True)
+        start = 0
+        for value, count in zip(values.tolist(), counts.tolist()):
+            if value:
+                spans.append((row, start, start + count))
+            start += count
+    return spans
+
+
+def span_attention(q, k, v, spans, dropout_p: float, gqa: bool):
+    """Causal attention inside each (row, start, end) span, zeros elsewhere (padding). One call per span
+    costs the sum of the spans' squared lengths, where one masked call over a packed row costs the
+    square of its width, most of it on pairs the mask then throws away."""
+    rows = [[] for _ in range(q.shape[0])]
+    for row, start, end in spans:
+        rows[row].append(F.scaled_dot_product_attention(
+            q[row:row + 1, :, start:end], k[row:row + 1, :, start:end], v[row:row + 1, :, start:end],
+            is_causal=True, dropout_p=dropout_p, enable_gqa=gqa))
+    width = q.shape[2]
+    for parts in rows:
+        filled = sum(p.shape[2] for p in parts)
+        if filled < width:
+            parts.append(q.new_zeros(1, q.shape[1], width - filled, q.shape[3]))
+    return torch.cat([torch.cat(parts, dim=2) for parts in rows])
+
+
 def is_plain_linear(module) -> bool:
     return type(module) is nn.Linear and module.bias is None and not (module._forward_hooks or module._forward_pre_hooks)
 
@@ -127,6 +157,7 @@ class Attention(JointProjections):
             self.k_norm = RMSNorm(self.head_dim, eps)
 
     def forward(self, x, rope=None, mask=None, causal=False, cache=None, layer=0):
+        """mask: an additive (B, 1, L, keys) mask, or a packed batch's spans (segment_spans)."""
         B, L, _ = x.shape
         H, KV = self.num_heads, self.num_kv_heads
         qkv = self.joint(x).view(B, L, H + 2 * KV, self.head_dim)
@@ -139,10 +170,12 @@ class Attention(JointProjections):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=KV != H)
+        dropout_p = self.dropout if self.training else 0.0
+        if isinstance(mask, list):
+            out = span_attention(q, k, v, mask, dropout_p, KV != H)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                 dropout_p=dropout_p, enable_gqa=KV != H)
         return project(self.o_proj, out.transpose(1, 2).reshape(B, L, -1))
 
     def projections(self):
@@ -234,7 +267,7 @@ class LanguageModel(nn.Module):
         position_ids: (B, L) absolute positions (below max_seq_len); default 0..L-1 after what the cache holds.
         attention_mask: (B, Lk) bool, False for padding keys (left-padded batched generation).
         segments: (B, L) which conversation of a packed row each position is (dataset/packing.py): a
-        query sees only keys of its own (training only, no cache).
+        query sees only keys of its own, attended span by span (training only: no cache, no attention_mask).
         Without padding, packing and cache the fast causal path is used.
         """
         B, L, _ = inputs_embeds.shape
@@ -254,19 +287,21 @@ class LanguageModel(nn.Module):
             if attention_mask is not None:
                 mask = attention_mask[:, None, None, :past + 1].clone()
                 mask[..., past] = True
-        elif attention_mask is not None or past > 0 or segments is not None:
+        elif segments is not None:
+            if attention_mask is not None or past > 0:
+                raise ValueError("packed rows (segments) take no attention_mask and no cache")
+            mask = segment_spans(segments)
+        elif attention_mask is not None or past > 0:
             keys = past + L
             causal = torch.ones(L, keys, dtype=torch.bool, device=device).tril(past)
             mask = causal.expand(B, 1, L, keys)
-            if segments is not None:   # padding (segment 0) sees padding: finite, and never scored
-                mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
             if attention_mask is not None:
                 # A padding query sees no valid key; letting every query see itself keeps
                 # softmax finite (an all-masked row is NaN, and NaN * 0 poisons later rows).
                 itself = torch.zeros_like(causal)
                 itself[:, past:] = torch.eye(L, dtype=torch.bool, device=device)
                 mask = (mask & attention_mask[:, None, None, :keys]) | itself
-        if mask is not None:   # additive, once: SDPA would convert a bool mask in every layer
+        if isinstance(mask, torch.Tensor):   # additive, once: SDPA would convert a bool mask in every layer
             mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
         x = inputs_embeds
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled() and cache is None

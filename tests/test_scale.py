@@ -14,7 +14,7 @@ from model.config import LMConfig
 from model.lm import LanguageModel
 
 
-def lm_gradients(checkpointing: bool, calls: list):
+def lm_gradients(checkpointing: bool, calls: list, packed: bool = False):
     torch.manual_seed(0)
     cfg = LMConfig(vocab_size=64, hidden_size=32, num_layers=3, num_heads=2, num_kv_heads=1, intermediate_size=64,
                    max_seq_len=64, dropout=0.2)
@@ -24,15 +24,18 @@ def lm_gradients(checkpointing: bool, calls: list):
         block.register_forward_pre_hook(lambda *_: calls.append(1))
     embeds = lm.embed_tokens(torch.randint(0, 64, (2, 16)))
     torch.manual_seed(1)   # the dropout masks
-    loss = lm(embeds).float().logsumexp(-1).mean()
+    # packed: two conversations in row 0, one and padding in row 1 (attended span by span)
+    segments = torch.tensor([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4]) if packed else None
+    loss = lm.logits(lm.hidden(embeds, segments=segments)).float().logsumexp(-1).mean()
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in lm.named_parameters()}
 
 
-def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(packed):
     plain_calls, recomputed_calls = [], []
-    loss, grads = lm_gradients(False, plain_calls)
-    loss_ckpt, grads_ckpt = lm_gradients(True, recomputed_calls)
+    loss, grads = lm_gradients(False, plain_calls, packed)
+    loss_ckpt, grads_ckpt = lm_gradients(True, recomputed_calls, packed)
     assert len(plain_calls) == 3 and len(recomputed_calls) == 6   # each block ran again in the backward pass
     assert torch.equal(loss, loss_ckpt)
     assert all(torch.allclose(grads[k], grads_ckpt[k], rtol=0, atol=1e-7) for k in grads)   # dropout masks replayed
