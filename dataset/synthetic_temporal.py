@@ -71,6 +71,7 @@ PAIR_PROBABILITIES = (("reversed", 0.2), ("sped_up", 0.2))
 HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 HELD_OUT_PHRASING_PROBABILITY = 0.5
+SEEN_WORDINGS = 8   # of each form's seen wordings, how many training uses (the first 4: the suite before 8)
 ORDER_ANSWERS = ("event", "timeline", "restate")
 DEFAULT_ORDER_ANSWERS = "restate"   # measured against "event": docs/findings.md
 CAPTION_SFT_SHARE = 0.25   # training conversations that also ask for the caption: SFT keeps "describe it"
@@ -91,68 +92,99 @@ STREAM_TRAIN_TEXT, STREAM_TEST_TEXT, STREAM_PAIR_TEXT = 24, 25, 26
 PHRASINGS = {
     "order_after": {"category": "order", "seen": [
         "What happens after {event}?", "What is the next event after {event}?",
-        "What does the video show right after {event}?", "Once {event}, what happens next?"],
+        "What does the video show right after {event}?", "Once {event}, what happens next?",
+        "After {event}, what happens?", "What happens just after {event}?",
+        "What comes after {event}?", "What is the event just after {event}?"],
         "held_out": ["Right after {event}, what happens?", "What is the event that happens next after {event}?"]},
     "order_before": {"category": "order", "seen": [
         "What happens before {event}?", "What is the last event before {event}?",
-        "What happens just before {event}?", "Before {event}, what happens?"],
+        "What happens just before {event}?", "Before {event}, what happens?",
+        "What does the video show right before {event}?", "What comes before {event}?",
+        "What is the event just before {event}?", "Which event comes last before {event}?"],
         "held_out": ["Just before {event}, what happens?", "What is the event right before {event}?"]},
     "order_first": {"category": "order", "seen": [
         "Which happens first: {event} or {other}?", "Which comes earlier: {event} or {other}?",
-        "What happens sooner, {event} or {other}?", "Of these two, which is first: {event} or {other}?"],
+        "What happens sooner, {event} or {other}?", "Of these two, which is first: {event} or {other}?",
+        "Which is first: {event} or {other}?", "Which of the two happens first: {event} or {other}?",
+        "Which comes first, {event} or {other}?", "Does {event} or {other} happen first?"],
         "held_out": ["Which of these two comes first: {event} or {other}?", "Which is earlier, {event} or {other}?"]},
     "count_repeats": {"category": "count", "seen": [
         "How many times does {object} {action}?", "How often does {object} {action}?",
-        "Count how many times {object} {actions}.", "What is the number of times {object} {actions}?"],
+        "Count how many times {object} {actions}.", "What is the number of times {object} {actions}?",
+        "How many times do you see {object} {action}?", "Count the times {object} {actions}.",
+        "How many times does {object} {action} here?", "Give the number of times {object} {actions}."],
         "held_out": ["In total, how many times does {object} {action}?", "How many times in the video does {object} {action}?"]},
     "count_shapes": {"category": "count", "seen": [
         "How many different shapes are shown in the video?", "How many objects appear in the video in total?",
-        "How many distinct shapes can be seen?", "Count the shapes that are shown."],
+        "How many distinct shapes can be seen?", "Count the shapes that are shown.",
+        "What is the number of shapes in the video?", "How many shapes are there in the video?",
+        "Count the objects that appear.", "How many objects are shown?"],
         "held_out": ["What is the total number of shapes shown?", "How many different objects can be seen in the video?"]},
     "speed": {"category": "speed", "seen": [
         "Which moves faster, {a} or {b}?", "Which is quicker, {a} or {b}?",
-        "Which of the two moves faster: {a} or {b}?", "Is {a} or {b} faster?"],
+        "Which of the two moves faster: {a} or {b}?", "Is {a} or {b} faster?",
+        "Which one is faster, {a} or {b}?", "Which moves more quickly: {a} or {b}?",
+        "Does {a} or {b} move faster?", "Of the two, which is faster: {a} or {b}?"],
         "held_out": ["Between {a} and {b}, which is faster?", "Of {a} and {b}, which moves quicker?"]},
     "grounding_action": {"category": "grounding", "seen": [
         "When does {object} {action}?", "At what time does {object} {action}?",
-        "During which seconds does {object} {action}?", "Give the time span in which {object} {actions}."],
+        "During which seconds does {object} {action}?", "Give the time span in which {object} {actions}.",
+        "At which times does {object} {action}?", "Tell me when {object} {actions}.",
+        "What is the time span in which {object} {actions}?", "When is it that {object} {actions}?"],
         "held_out": ["In which time span does {object} {action}?", "Give the seconds during which {object} {actions}."]},
     "grounding_visible": {"category": "grounding", "seen": [
         "When is {object} visible?", "When can {object} be seen?",
-        "During which time is {object} on screen?", "For which span is {object} in view?"],
+        "During which time is {object} on screen?", "For which span is {object} in view?",
+        "At what times is {object} visible?", "When is {object} in view?",
+        "Tell me when {object} can be seen.", "Give the span in which {object} is on screen."],
         "held_out": ["In which time span is {object} on screen?", "During which seconds can {object} be seen?"]},
     "needle_what": {"category": "needle_what", "seen": [
         "What appears only briefly?", "Which shape is shown for just a moment?",
-        "What object flashes up briefly?", "Something is shown only for a second or two. What is it?"],
+        "What object flashes up briefly?", "Something is shown only for a second or two. What is it?",
+        "Which object appears only briefly?", "What is shown for just a moment?",
+        "Which shape flashes up for a second or two?", "What is on screen only briefly?"],
         "held_out": ["Which object is on screen only for a moment?", "What shape appears just for a second or two?"]},
     "needle_when": {"category": "needle_when", "seen": [
         "When is {object} shown?", "At what time does {object} briefly appear?",
-        "During which seconds is {object} on screen?", "When does {object} flash up?"],
+        "During which seconds is {object} on screen?", "When does {object} flash up?",
+        "When does {object} briefly appear?", "At what time does {object} flash up?",
+        "When is {object} on screen?", "Give the seconds when {object} is shown."],
         "held_out": ["In which span does {object} show up?", "At what time is {object} shown?"]},
     "reversed_direction": {"category": "reversed", "seen": [
         "Which way does {object} move?", "In which direction does {object} move?",
-        "Does {object} move left or right?", "What direction does {object} travel?"],
+        "Does {object} move left or right?", "What direction does {object} travel?",
+        "Which way does {object} go?", "Is {object} moving left or right?",
+        "In what direction does {object} go?", "Where does {object} move: left or right?"],
         "held_out": ["Which direction does {object} travel?", "Does {object} travel left or right?"]},
     "reversed_presence": {"category": "reversed", "seen": [
         "Does {object} appear or leave?", "Does {object} enter or leave the scene?",
-        "Is {object} appearing or leaving?", "Does {object} come in or go out?"],
+        "Is {object} appearing or leaving?", "Does {object} come in or go out?",
+        "Is {object} entering or leaving the scene?", "Does {object} show up or go away?",
+        "Does {object} appear or go out?", "Is {object} coming in or going out?"],
         "held_out": ["Does {object} come in or leave?", "Does {object} enter or go out of the scene?"]},
     "speed_change": {"category": "speed_change", "seen": [
         "From when to when does {object} {action}?", "Between which times does {object} {action}?",
-        "Over which seconds does {object} {action}?", "Say when {object} {actions}."],
+        "Over which seconds does {object} {action}?", "Say when {object} {actions}.",
+        "From what time to what time does {object} {action}?", "In which seconds does {object} {action}?",
+        "Name the times at which {object} {actions}.", "Between which seconds does {object} {action}?"],
         "held_out": ["Over which times does {object} {action}?", "Say from when to when {object} {actions}."]},
     "first_mover": {"category": "followup", "seen": [
         "Which shape moves first?", "Which shape starts moving first?",
-        "What is the first shape to move?", "Which shape is the first to move?"],
+        "What is the first shape to move?", "Which shape is the first to move?",
+        "Which object moves first?", "Which shape is first to start moving?",
+        "What moves first?", "Which object starts to move first?"],
         "held_out": ["What shape starts moving first?", "Which is the first shape that moves?"]},
     "followup_next": {"category": "followup", "seen": [
-        "And after that?", "What happens next?", "Then what?", "And what comes next?"],
+        "And after that?", "What happens next?", "Then what?", "And what comes next?",
+        "What happens after that?", "And next?", "What comes after that?", "What is next?"],
         "held_out": ["What comes next?", "And then what happens?"]},
     "followup_colour": {"category": "followup", "seen": [
-        "What colour was it?", "What colour is it?", "Which colour did it have?", "And its colour?"],
+        "What colour was it?", "What colour is it?", "Which colour did it have?", "And its colour?",
+        "What colour did it have?", "What colour does it have?", "And what colour was it?", "Tell me its colour."],
         "held_out": ["What was its colour?", "Which colour was it?"]},
     "followup_when": {"category": "followup", "seen": [
-        "When was it shown?", "When did it appear?", "At what time was it visible?", "When was it on screen?"],
+        "When was it shown?", "When did it appear?", "At what time was it visible?", "When was it on screen?",
+        "When did it show up?", "At what time was it shown?", "When could it be seen?", "And when was it shown?"],
         "held_out": ["At what time did it appear?", "When was it visible?"]},
 }
 CATEGORIES = ("order", "count", "speed", "grounding", "needle_what", "needle_when", "reversed", "speed_change",
@@ -178,6 +210,7 @@ class Settings:
     codec: str = "libx264"
     order_questions: int = 1
     order_answers: str = DEFAULT_ORDER_ANSWERS   # one of ORDER_ANSWERS
+    seen_wordings: int = SEEN_WORDINGS   # the first this many of each form's seen wordings are used
 
 
 @dataclass(frozen=True)
@@ -862,10 +895,12 @@ def forms_asked(question: Question) -> list:
     return (forms_asked(question.opener) if question.opener else []) + [question.form]
 
 
-def question_turns(question: Question, rng, phrasing: str) -> list:
-    """(user text, answer) pairs; a followup's opener is always worded from the seen set."""
-    turns = question_turns(question.opener, rng, "seen") if question.opener else []
-    template = pick(rng, PHRASINGS[question.form][phrasing])
+def question_turns(question: Question, rng, phrasing: str, seen_wordings: int = SEEN_WORDINGS) -> list:
+    """(user text, answer) pairs; a followup's opener is always worded from the seen set (its first
+    seen_wordings)."""
+    turns = question_turns(question.opener, rng, "seen", seen_wordings) if question.opener else []
+    wordings = PHRASINGS[question.form][phrasing]
+    template = pick(rng, wordings[:seen_wordings] if phrasing == "seen" else wordings)
     return turns + [(template.format(**question.fills), question.answer)]
 
 
@@ -924,12 +959,12 @@ def training_records(seed: int, index: int, scene: Scene, original: Scene, setti
     pretrain = base_record(f"{scene.name}-cap", scene, [(prompt, timeline)], "caption")
     described, described_prompt = rng.random() < CAPTION_SFT_SHARE, pick(rng, CAPTION_PROMPTS)
     questions = training_questions(question_options(scene, rng, settings.order_answers), rng, settings.order_questions)
-    units = [question_turns(q, rng, "seen") for q in questions]
+    units = [question_turns(q, rng, "seen", settings.seen_wordings) for q in questions]
     extra = []
     if original.pair:
         draw = pair_draw(seed, STREAM_TRAIN_TEXT, index)
         extra = [pair_record_question(scene, original, draw)]
-        units.append(question_turns(extra[0], np.random.default_rng(draw[2]), "seen"))
+        units.append(question_turns(extra[0], np.random.default_rng(draw[2]), "seen", settings.seen_wordings))
     if described:
         units.append([(described_prompt, timeline)])
     units = [units[i] for i in rng.permutation(len(units))]
@@ -951,9 +986,9 @@ def offered_answers(question: Question) -> list | None:
     return answers if answers and question.answer in answers else None
 
 
-def test_record(scene: Scene, question: Question, rng, phrasing: str) -> dict:
-    record = base_record(f"{scene.name}-{question.form}", scene, question_turns(question, rng, phrasing),
-                         question.category)
+def test_record(scene: Scene, question: Question, rng, phrasing: str, seen_wordings: int = SEEN_WORDINGS) -> dict:
+    record = base_record(f"{scene.name}-{question.form}", scene,
+                         question_turns(question, rng, phrasing, seen_wordings), question.category)
     record.update({"subset": scene.subset, "phrasing": phrasing})
     choices = offered_answers(question)
     if choices:
@@ -963,18 +998,17 @@ def test_record(scene: Scene, question: Question, rng, phrasing: str) -> dict:
     return record
 
 
-def test_records(seed: int, index: int, scene: Scene, original: Scene,
-                 order_answers: str = DEFAULT_ORDER_ANSWERS) -> list:
+def test_records(seed: int, index: int, scene: Scene, original: Scene, settings: Settings = Settings()) -> list:
     """One record per question form the video allows, the pair's question included."""
     rng = text_rng(seed, STREAM_TEST_TEXT, index, scene is not original)
     records = []
-    for options in question_options(scene, rng, order_answers).values():
+    for options in question_options(scene, rng, settings.order_answers).values():
         phrasing = "held_out" if rng.random() < HELD_OUT_PHRASING_PROBABILITY else "seen"
-        records.append(test_record(scene, pick(rng, options), rng, phrasing))
+        records.append(test_record(scene, pick(rng, options), rng, phrasing, settings.seen_wordings))
     if original.pair:
         draw = pair_draw(seed, STREAM_TEST_TEXT, index)
         question = pair_record_question(scene, original, draw)
-        records.append(test_record(scene, question, np.random.default_rng(draw[2]), draw[1]))
+        records.append(test_record(scene, question, np.random.default_rng(draw[2]), draw[1], settings.seen_wordings))
     return records
 
 
@@ -1042,7 +1076,7 @@ def build_splits(seed, train, test, settings: Settings = Settings()) -> dict:
         pretrain.append(caption_record)
         sft_video.append(conversation_record)
     for video in test:
-        test_lines += test_records(seed, video.index, video.scene, video.original, settings.order_answers)
+        test_lines += test_records(seed, video.index, video.scene, video.original, settings)
     return {"pretrain": pretrain, "sft_video": sft_video, "test": test_lines}
 
 
@@ -1065,7 +1099,7 @@ def build_meta(seed, held_out, train, test, splits, settings: Settings) -> dict:
         "settings": {"fps": settings.fps, "size": settings.size, "min_seconds": settings.min_seconds,
                      "max_seconds": settings.max_seconds, "test_max_seconds": settings.test_max_seconds,
                      "codec": settings.codec, "order_questions": settings.order_questions,
-                     "order_answers": settings.order_answers,
+                     "order_answers": settings.order_answers, "seen_wordings": settings.seen_wordings,
                      "object_diameter": round(OBJECT_FRACTION * settings.size, 3)},
         "counts": {
             "train_videos": len(train), "test_videos": len(test),

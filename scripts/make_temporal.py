@@ -4,7 +4,7 @@ import time
 
 import _repo  # noqa: F401  (puts the repository root on sys.path)
 from dataset.synthetic import even_size, int_at_least, pick_codec
-from dataset.synthetic_temporal import DEFAULT_ORDER_ANSWERS, ORDER_ANSWERS, Settings, generate
+from dataset.synthetic_temporal import DEFAULT_ORDER_ANSWERS, ORDER_ANSWERS, SEEN_WORDINGS, Settings, generate
 
 
 def positive_seconds(text: str) -> float:
@@ -31,11 +31,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="order answers: the event alone; the video's timed events first, then "
                              "'Answer: <the event>'; or a before / after question's anchor restated first, "
                              "'after <the anchor>. Answer: <the event>.' (both scored on what follows the marker)")
+    parser.add_argument("--seen_wordings", type=int_at_least(1), default=SEEN_WORDINGS,
+                        help=f"of each question form's {SEEN_WORDINGS} training wordings, use the first this many "
+                             "(the held-out ones are fixed)")
     parser.add_argument("--workers", type=int_at_least(1), default=2)
     args = parser.parse_args(argv)
     args.test_max_seconds = args.test_max_seconds or 2 * args.max_seconds
     if not args.min_seconds <= args.max_seconds <= args.test_max_seconds:
         parser.error("need --min_seconds <= --max_seconds <= --test_max_seconds")
+    if args.seen_wordings > SEEN_WORDINGS:
+        parser.error(f"--seen_wordings: each form has {SEEN_WORDINGS} training wordings")
     return args
 
 
@@ -43,7 +48,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     settings = Settings(args.fps, args.size, args.min_seconds, args.max_seconds, args.test_max_seconds, pick_codec(),
-                        args.order_questions, args.order_answers)
+                        args.order_questions, args.order_answers, args.seen_wordings)
     meta = generate(args.out, args.n_videos, args.n_test, args.seed, settings, args.workers)
     counts = meta["counts"]
     print(f"wrote {counts['train_videos']} train / {counts['test_videos']} test videos, "

@@ -311,6 +311,34 @@ def test_held_out_wordings_recombine_words_of_the_seen_ones():
             assert words(template) <= seen, (name, template, words(template) - seen)
 
 
+def test_every_after_wording_frame_is_also_a_before_one():
+    # A frame seen with one relation only would let the frame, not "after" / "before", decide the answer:
+    # with "Before X, what happens?" alone, the held-out "Right after X, what happens?" was read as before.
+    def frames(form, relation):
+        return {t.lower().replace(relation, "REL") for t in st.PHRASINGS[form]["seen"]
+                if relation in t.lower() and not re.search(r"\b(next|last)\b", t.lower())}
+    after, before = frames("order_after", "after"), frames("order_before", "before")
+    assert after == before and len(after) >= 5
+
+
+def test_seen_wordings_only_choose_among_the_first_ones_and_change_nothing_else():
+    settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
+    _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
+    few, many = (st.build_splits(SEED, train, test, replace(settings, seen_wordings=n)) for n in (2, st.SEEN_WORDINGS))
+    first_two = {t for form in st.PHRASINGS.values() for t in form["seen"][:2]}
+    regexes = [template_regex(t) for t in first_two]
+    texts = [turn["content"].replace("<video>\n", "") for r in few["sft_video"] for turn in r["conversations"]
+             if turn["role"] == "user" and r["category"] != "caption"]
+    asked = [t for t in texts if t not in st.CAPTION_PROMPTS]
+    assert asked and all(any(rx.fullmatch(t) for rx in regexes) for t in asked)
+    assert few["pretrain"] == many["pretrain"]
+    for a, b in zip(few["sft_video"] + few["test"], many["sft_video"] + many["test"], strict=True):
+        answers = lambda r: [t["content"] for t in r["conversations"] if t["role"] == "assistant"]  # noqa: E731
+        assert a["id"] == b["id"] and answers(a) == answers(b)
+    held_out = [(a, b) for a, b in zip(few["test"], many["test"]) if a["phrasing"] == "held_out"]
+    assert held_out and sum(a == b for a, b in held_out) > len(held_out) // 2   # a follow-up's opener is a seen one
+
+
 def test_more_order_questions_add_distinct_ones_and_leave_the_rest_alone():
     settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
     _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
