@@ -21,12 +21,16 @@ def iter_texts(paths):
                     yield f"{turn.get('role', '')}\n" + MEDIA_MARKER.sub("", turn.get("content", ""))
 
 
-def train_tokenizer(paths, out_dir, vocab_size):
-    """Train on the conversations of these jsonl files, save to out_dir, return the transformers tokenizer."""
+def train_tokenizer(paths, out_dir, vocab_size, split_digits: bool = False):
+    """Train on the conversations of these jsonl files, save to out_dir, return the transformers tokenizer.
+    split_digits: every digit is a token of its own (no merges across digits), as Llama's and Qwen's are,
+    so a number never seen in training is spelt with the tokens of those that were."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

@@ -11,11 +11,13 @@ def main():
     p.add_argument("--data", nargs="+", required=True, help="jsonl files whose conversations are the corpus")
     p.add_argument("--out", default="model/tokenizer", help="output folder (tokenizer.json + tokenizer_config.json)")
     p.add_argument("--vocab_size", type=int, default=1024)
+    p.add_argument("--split_digits", action=argparse.BooleanOptionalAction, default=False,
+                   help="every digit a token of its own, so unseen numbers are spelt with known tokens")
     args = p.parse_args()
     missing = [d for d in args.data if not Path(d).is_file()]
     if missing:
         p.error(f"no such file: {missing[0]}")
-    hf = train_tokenizer(args.data, args.out, args.vocab_size)
+    hf = train_tokenizer(args.data, args.out, args.vocab_size, args.split_digits)
     print(f"tokenizer: {len(hf)} tokens → {args.out}")
 
 

@@ -157,3 +157,16 @@ def test_a_system_turn_the_tokenizers_template_writes_by_default_is_written_when
     assert [tok.decode(s) for s in labelled_spans(labels)] == ["yes<|im_end|>"]   # the system turn is never labelled
     tok.chat_template = chat.format.template   # the template an export writes spells the same ids
     assert tok.apply_chat_template(conv, tokenize=False) == tok.decode(ids)
+
+
+def test_a_split_digit_tokenizer_spells_unseen_numbers_with_the_seen_digits(synthetic, tmp_path):
+    from model.chat import load_tokenizer
+    from model.tokenizer import train_tokenizer
+    texts = [synthetic / f"{s}.jsonl" for s in ("pretrain", "sft_video")]
+    train_tokenizer(texts, tmp_path / "digits", 512, split_digits=True)
+    tok = load_tokenizer(tmp_path / "digits")
+    text = "from 87.5 s to 112.0 s"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [tok.decode([i]) for i in ids]
+    assert [p for p in pieces if any(c.isdigit() for c in p)] == list("875") + list("1120")
+    assert tok.decode(ids) == text
