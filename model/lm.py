@@ -81,6 +81,14 @@ def segment_spans(segments) -> list:
     return spans
 
 
+def segment_mask(segments):
+    """(B, 1, L, L) bool: causal, and only within a query's own segment (padding, 0, sees padding: finite,
+    never scored)."""
+    L = segments.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
+    return causal & (segments[:, None, :, None] == segments[:, None, None, :])
+
+
 def span_attention(q, k, v, spans, dropout_p: float, gqa: bool):
     """Causal attention inside each (row, start, end) span, zeros elsewhere (padding). One call per span
     costs the sum of the spans' squared lengths, where one masked call over a packed row costs the
@@ -267,7 +275,8 @@ class LanguageModel(nn.Module):
         position_ids: (B, L) absolute positions (below max_seq_len); default 0..L-1 after what the cache holds.
         attention_mask: (B, Lk) bool, False for padding keys (left-padded batched generation).
         segments: (B, L) which conversation of a packed row each position is (dataset/packing.py): a
-        query sees only keys of its own, attended span by span (training only: no cache, no attention_mask).
+        query sees only keys of its own (on a CPU attended span by span; training only: no cache, no
+        attention_mask).
         Without padding, packing and cache the fast causal path is used.
         """
         B, L, _ = inputs_embeds.shape
@@ -290,7 +299,9 @@ class LanguageModel(nn.Module):
         elif segments is not None:
             if attention_mask is not None or past > 0:
                 raise ValueError("packed rows (segments) take no attention_mask and no cache")
-            mask = segment_spans(segments)
+            # Span by span where it was measured faster (CPU); on an accelerator one masked kernel per
+            # layer is kept, as many small launches may cost more than the pairs they skip (unmeasured).
+            mask = segment_spans(segments) if device.type == "cpu" else segment_mask(segments)
         elif attention_mask is not None or past > 0:
             keys = past + L
             causal = torch.ones(L, keys, dtype=torch.bool, device=device).tril(past)

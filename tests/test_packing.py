@@ -6,7 +6,7 @@ import torch
 from conftest import read_log, tiny_vlm
 from dataset.packing import first_fit_decreasing, packing_inputs
 from dataset.vlm_dataset import MediaEntry, collate, visual_inputs
-from model.lm import segment_spans, span_attention
+from model.lm import segment_mask, segment_spans, span_attention
 
 VISION = 3   # tiny_vlm's slot token id
 PAD = 0
@@ -76,10 +76,8 @@ def test_packed_rows_are_attended_span_by_span_as_the_dense_mask_does():
     assert spans == [(0, 0, 40), (1, 0, 25), (1, 25, 37), (2, 0, 17), (2, 17, 26), (2, 26, 34)]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, heads, 40, 8, generator=g) for heads in (4, 2, 2))
-    segments = packed["segments"]
-    same = segments[:, None, :, None] == segments[:, None, None, :]
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=same & torch.ones(40, 40, dtype=torch.bool).tril(), enable_gqa=True)
+    segments = packed["segments"]   # the dense mask is what an accelerator gets
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(segments), enable_gqa=True)
     by_span = span_attention(q, k, v, spans, 0.0, True)
     real = (segments > 0)[:, None, :, None]
     assert torch.allclose(by_span * real, dense * real, atol=1e-6)
