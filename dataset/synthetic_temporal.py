@@ -201,7 +201,8 @@ class Settings:
     form a training conversation asks (where the video allows that many), and how order questions are
     answered: "event" (the event alone), "timeline" (the video's timed events first, then
     "Answer: <the event>", which scoring reads) or "restate" (a before / after question's anchor
-    first: "after the red square stops. Answer: <the event>.")."""
+    first: "after the red square stops. Answer: <the event>."), and how many of each question form's
+    training wordings it draws from."""
     fps: int = 4
     size: int = 64
     min_seconds: float = 4.0
