@@ -71,7 +71,6 @@ PAIR_PROBABILITIES = (("reversed", 0.2), ("sped_up", 0.2))
 HELD_OUT_FRACTION = 0.1
 NOVEL_TEST_FRACTION = 0.3
 HELD_OUT_PHRASING_PROBABILITY = 0.5
-SEEN_WORDINGS = 8   # of each form's seen wordings, how many training uses (the first 4: the suite before 8)
 ORDER_ANSWERS = ("event", "timeline", "restate")
 DEFAULT_ORDER_ANSWERS = "restate"   # measured against "event": docs/findings.md
 CAPTION_SFT_SHARE = 0.25   # training conversations that also ask for the caption: SFT keeps "describe it"
@@ -187,6 +186,8 @@ PHRASINGS = {
         "When did it show up?", "At what time was it shown?", "When could it be seen?", "And when was it shown?"],
         "held_out": ["At what time did it appear?", "When was it visible?"]},
 }
+# Training wordings per form (all of them by default; 4, the first ones, was the suite before 8).
+SEEN_WORDINGS = min(len(entry["seen"]) for entry in PHRASINGS.values())
 CATEGORIES = ("order", "count", "speed", "grounding", "needle_what", "needle_when", "reversed", "speed_change",
               "followup")
 
