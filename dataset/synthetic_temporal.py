@@ -13,7 +13,10 @@ Times. Frame i is at i / fps seconds; every event starts and ends on a grid of w
 before a 2x speed-up), and a video has grid * k + 1 frames, so reversing or speeding up a clip keeps
 every event on the grid, and sampling one frame a second sees every event's first and last frame (a
 bounce or hop leg lasts at least a second, so that rate never aliases a repetition away). A span is [time of the event's first frame, time
-of its last frame]: for a move, the frames where the object leaves its start and reaches its end.
+of its last frame]: for a move, the frames where the object leaves its start and reaches its end. With
+offset_share, some training videos are read as windows of a longer recording: frame i is at t0 + i / fps
+on the clock of their text, and the record's "time_offset" says t0, so that times are learnt from the
+frames' clock, not from where a token sits in the sequence.
 
 Question kinds (the record's `category`) and their answer formats:
 
@@ -81,7 +84,7 @@ REPRODUCIBLE_X264 = {"qp": "18", "preset": "veryfast"}
 
 # Streams distinct from synthetic.py's (0-6), so both generators can share a seed.
 STREAM_HELD_OUT, STREAM_TRAIN_SCENE, STREAM_TEST_SCENE, STREAM_TEST_SPLIT = 20, 21, 22, 23
-STREAM_TRAIN_TEXT, STREAM_TEST_TEXT, STREAM_PAIR_TEXT = 24, 25, 26
+STREAM_TRAIN_TEXT, STREAM_TEST_TEXT, STREAM_PAIR_TEXT, STREAM_CLOCK = 24, 25, 26, 27
 
 # Question forms: each has a category and two fixed template sets. Placeholders: {event} {other}
 # (event phrases), {object} {a} {b} (object phrases), {action} / {actions} (bounce / bounces).
@@ -203,7 +206,9 @@ class Settings:
     answered: "event" (the event alone), "timeline" (the video's timed events first, then
     "Answer: <the event>", which scoring reads) or "restate" (a before / after question's anchor
     first: "after the red square stops. Answer: <the event>."), and how many of each question form's
-    training wordings it draws from."""
+    training wordings it draws from; and the share of training videos read as a window of a longer
+    recording: their clock starts at a whole second t0 > 0, so that their end is at most clock_max
+    seconds (the record's "time_offset"), and every time their text gives is on that clock."""
     fps: int = 4
     size: int = 64
     min_seconds: float = 4.0
@@ -213,6 +218,8 @@ class Settings:
     order_questions: int = 1
     order_answers: str = DEFAULT_ORDER_ANSWERS   # one of ORDER_ANSWERS
     seen_wordings: int = SEEN_WORDINGS   # the first this many of each form's seen wordings are used
+    offset_share: float = 0.0          # training videos only; the test videos' clocks start at 0
+    clock_max: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -254,13 +261,14 @@ class Scene:
     subset: str | None = None   # test videos only
     pair: str = ""              # "reversed" / "sped_up": one member of a conflicting pair
     source: "Scene | None" = None   # a pair's second member: rendered from this scene's pixels
+    clock: float = 0.0          # the time of frame 0 on the clock of the text (a window of a longer recording)
 
     @property
     def duration(self) -> float:
         return round(self.frames / self.fps, 4)
 
     def seconds(self, frame: int) -> float:
-        return frame / self.fps
+        return self.clock + frame / self.fps
 
 
 @dataclass
@@ -877,7 +885,7 @@ def event_sentence(scene: Scene, event: Event) -> str:
 
 
 def opening_sentence(scene: Scene) -> str:
-    """Who is on screen at 0 s, named by their colour then."""
+    """Who is on screen at the first frame, named by their colour then."""
     names = []
     for index, actor in enumerate(scene.actors):
         events = actor_events(scene, index)
@@ -885,8 +893,8 @@ def opening_sentence(scene: Scene) -> str:
         if on_screen:
             names.append(f"the {events[0].colour if events else actor.colour} {actor.shape}")
     if not names:
-        return "At 0.0 s the screen is empty."
-    return f"At 0.0 s {' and '.join(names)} {'is' if len(names) == 1 else 'are'} on screen."
+        return f"At {format_time(scene.seconds(0))} the screen is empty."
+    return f"At {format_time(scene.seconds(0))} {' and '.join(names)} {'is' if len(names) == 1 else 'are'} on screen."
 
 
 def caption(scene: Scene) -> str:
@@ -915,8 +923,22 @@ def conversation(turn_pairs) -> list:
 
 
 def base_record(record_id: str, scene: Scene, turn_pairs, category: str) -> dict:
-    return {"id": record_id, "video": video_path(scene), "conversations": conversation(turn_pairs),
-            "category": category, "duration": scene.duration}
+    record = {"id": record_id, "video": video_path(scene), "conversations": conversation(turn_pairs),
+              "category": category, "duration": scene.duration}
+    if scene.clock:
+        record["time_offset"] = scene.clock
+    return record
+
+
+def clock_start(seed: int, index: int, scene: Scene, settings: Settings) -> float:
+    """A training video's t0 (0, or with probability offset_share a whole second up to clock_max - duration),
+    from a stream of its own, so that the other draws do not move; a pair's members share the draw."""
+    if not settings.offset_share:
+        return 0.0
+    rng = np.random.default_rng([seed, STREAM_CLOCK, index])
+    windowed, where = rng.random() < settings.offset_share, rng.random()
+    latest = math.floor(settings.clock_max - scene.duration)
+    return float(1 + math.floor(where * latest)) if windowed and latest >= 1 else 0.0
 
 
 def text_rng(seed: int, stream: int, index: int, member: bool) -> np.random.Generator:
@@ -957,6 +979,7 @@ def timeline_last(units: list, timeline: str) -> list:
 def training_records(seed: int, index: int, scene: Scene, original: Scene, settings: Settings = Settings()) -> tuple:
     """The caption sample and the one multi-question conversation of a training video."""
     rng = text_rng(seed, STREAM_TRAIN_TEXT, index, scene is not original)
+    scene = replace(scene, clock=clock_start(seed, index, scene, settings))
     prompt, timeline = pick(rng, CAPTION_PROMPTS), caption(scene)
     pretrain = base_record(f"{scene.name}-cap", scene, [(prompt, timeline)], "caption")
     described, described_prompt = rng.random() < CAPTION_SFT_SHARE, pick(rng, CAPTION_PROMPTS)
@@ -1102,6 +1125,7 @@ def build_meta(seed, held_out, train, test, splits, settings: Settings) -> dict:
                      "max_seconds": settings.max_seconds, "test_max_seconds": settings.test_max_seconds,
                      "codec": settings.codec, "order_questions": settings.order_questions,
                      "order_answers": settings.order_answers, "seen_wordings": settings.seen_wordings,
+                     "offset_share": settings.offset_share, "clock_max": settings.clock_max,
                      "object_diameter": round(OBJECT_FRACTION * settings.size, 3)},
         "counts": {
             "train_videos": len(train), "test_videos": len(test),

@@ -161,22 +161,31 @@ class ConversationDataset(Dataset):
         worker, so the main process only runs the tower."""
         pools = media_pools(record, kinds)
         taken = {"image": 0, "video": 0}
-        media = []
+        media, offset = [], time_offset(record)
         for kind in kinds:
-            rel = pools[kind][taken[kind]]
+            rel, shift = pools[kind][taken[kind]], offset if kind == "video" else 0.0   # an image has no clock
             taken[kind] += 1
             cached = self.cache.get(rel) if self.cache is not None else None
             if cached is not None:
                 clock = self.cache.get_times(rel)
                 if self.need_times and clock is None:   # FeatureWriter keeps only finite times
                     raise BadSample(f"{rel}: cached without frame times, which this model reads")
-                media.append(MediaEntry("features", cached, None if clock is None else clock[0]))
+                media.append(MediaEntry("features", cached, None if clock is None else clock[0] + shift))
                 continue
             if self.preprocess is None:
                 raise BadSample(f"{rel}: not in the feature cache and no encoder to compute it")
             clip = read_clip(self.media_root / rel, kind, self.num_frames, self.fps, self.need_times)
-            media.append(MediaEntry("clip_inputs", self.preprocess(clip.pixels), torch.from_numpy(clip.times)))
+            media.append(MediaEntry("clip_inputs", self.preprocess(clip.pixels), torch.from_numpy(clip.times) + shift))
         return media
+
+
+def time_offset(record) -> float:
+    """The record's optional "time_offset" (seconds, >= 0, default 0): its media are windows of a longer
+    recording, and every frame time is moved onto that recording's clock, the one its text uses."""
+    offset = record.get("time_offset", 0.0)
+    if not (is_number(offset) and offset >= 0):
+        raise BadSample(f'"time_offset" must be a number of seconds >= 0, not {shown(offset)}')
+    return float(offset)
 
 
 def extra_references(record) -> list:

@@ -26,6 +26,7 @@ VIDEO_FPS=${VIDEO_FPS:-4}       # frames a second in the files
 VIDEO_SIZE=${VIDEO_SIZE:-64}    # frame side in pixels
 ORDER_QUESTIONS=${ORDER_QUESTIONS:-1}   # order questions of each form per training conversation (README)
 ORDER_ANSWERS=${ORDER_ANSWERS:-restate}   # "after <the anchor>. Answer: ..."; event: the event alone; timeline (README)
+OFFSET_SHARE=${OFFSET_SHARE:-0}   # share of training clips read as windows of a longer recording, clock up to TEST_MAX_SECONDS (README)
 # --- the visual path
 SAMPLE_FPS=${SAMPLE_FPS:-1}     # frames sampled a second of video
 FRAME_CAP=${FRAME_CAP:-128}     # at most this many frames per video (longer videos: spread evenly)
@@ -49,7 +50,7 @@ FRESH_DATA=${FRESH_DATA:-1}     # 0: keep the data folder (and its features) if 
 OUT_DIR=${OUT_DIR:-out/temporal$([ "$ORACLE" != 1 ] || echo _oracle)}   # (an assignment takes its $(...)'s status: set -e)
 DATA_DIR=${DATA_DIR:-dataset/synthetic_temporal}
 # =====================================================================================
-SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE ORDER_QUESTIONS ORDER_ANSWERS VOCAB CLIP_MODEL
+SETTINGS=(N_VIDEOS N_TEST SEED MIN_SECONDS MAX_SECONDS TEST_MAX_SECONDS VIDEO_FPS VIDEO_SIZE ORDER_QUESTIONS ORDER_ANSWERS OFFSET_SHARE VOCAB CLIP_MODEL
           CLIP_SIZE VISION_SEED SAMPLE_FPS FRAME_CAP SEGMENT_SECONDS K TIME_TEXT REGIONS ORACLE SUMMARY_DIM DIM LAYERS HEADS KV BS PRE_EPOCHS VID_EPOCHS
           PRE_LR SFT_LR TRAIN_SEED VAL_EVERY EXTRA_TRAIN_ARGS ABLATIONS OUT_DIR DATA_DIR)
 
@@ -82,7 +83,8 @@ write_settings "${SETTINGS[@]}"
 # 1. data (kept with FRESH_DATA=0 only if made by the very same command; else remade, features included)
 MAKE_DATA=(python scripts/make_temporal.py --out "$DATA" --n_videos "$N_VIDEOS" --n_test "$N_TEST" --seed "$SEED"
   --min_seconds "$MIN_SECONDS" --max_seconds "$MAX_SECONDS" --test_max_seconds "$TEST_MAX_SECONDS"
-  --fps "$VIDEO_FPS" --size "$VIDEO_SIZE" --order_questions "$ORDER_QUESTIONS" --order_answers "$ORDER_ANSWERS")
+  --fps "$VIDEO_FPS" --size "$VIDEO_SIZE" --order_questions "$ORDER_QUESTIONS" --order_answers "$ORDER_ANSWERS"
+  --offset_share "$OFFSET_SHARE")
 if [ "$FRESH_DATA" = 0 ] && [ -f "$DATA/meta.json" ] && [ "$(cat "$DATA/.made_by" 2>/dev/null)" = "${MAKE_DATA[*]}" ]; then
   echo "==> [data] keeping $DATA (made by the same command; FRESH_DATA=0)"
 else

@@ -286,7 +286,9 @@ def replace_name(member, scene):
 
 
 BAD_ARGUMENTS = [["--n_videos", "0"], ["--n_videos", "2", "--size", "63"],
-                 ["--n_videos", "2", "--min_seconds", "20", "--max_seconds", "10"]]
+                 ["--n_videos", "2", "--min_seconds", "20", "--max_seconds", "10"],
+                 ["--n_videos", "2", "--offset_share", "1.5"],
+                 ["--n_videos", "2", "--offset_share", "0.5", "--max_seconds", "30", "--clock_max", "30"]]
 
 
 @pytest.mark.parametrize("bad", BAD_ARGUMENTS)
@@ -299,6 +301,7 @@ def test_bad_arguments_are_rejected(tmp_path, bad):
 def test_test_max_seconds_defaults_to_twice_the_training_maximum(tmp_path):
     args = parse_args(["--out", str(tmp_path), "--n_videos", "2", "--max_seconds", "30"])
     assert args.test_max_seconds == 60 and args.fps == 4 and args.size == 64 and args.min_seconds == 4
+    assert args.offset_share == 0 and args.clock_max == 60   # windows, when asked for, end by the test's longest
 
 
 def test_held_out_wordings_recombine_words_of_the_seen_ones():
@@ -418,3 +421,20 @@ def test_some_training_conversations_also_ask_for_the_caption(suite):
             assert turns[asked[0] + 1]["content"] == captions[record["video"]]
             described += 1
     assert 0 < described < len(captions) and meta["sft_questions_by_category"]["caption"] == described
+
+
+def test_windows_move_every_time_of_a_training_text_by_the_records_offset_and_leave_the_test_alone():
+    settings = st.Settings(**{**SETTINGS.__dict__, "codec": "libx264"})
+    _, train, test = st.plan_dataset(SEED, N_VIDEOS, N_TEST, settings)
+    plain = st.build_splits(SEED, train, test, settings)
+    windowed = st.build_splits(SEED, train, test, replace(settings, offset_share=1.0, clock_max=50.0))
+    assert windowed["test"] == plain["test"] and not any("time_offset" in r for r in plain["pretrain"] + plain["sft_video"])
+    time = re.compile(r"(\d+\.\d) s\b")
+    for a, b in zip(plain["pretrain"] + plain["sft_video"], windowed["pretrain"] + windowed["sft_video"], strict=True):
+        offset = b.get("time_offset", 0.0)
+        assert offset == int(offset) and offset + b["duration"] <= 50.0
+        assert offset >= 1 or b["duration"] > 49.0   # every clip that fits a window gets one at share 1
+        shifted = [{**t, "content": time.sub(lambda m: f"{float(m.group(1)) + offset:.1f} s", t["content"])}
+                   for t in a["conversations"]]
+        assert {k: v for k, v in b.items() if k != "time_offset"} == {**a, "conversations": shifted}
+    assert any(b.get("time_offset", 0) > 0 for b in windowed["sft_video"])

@@ -508,3 +508,23 @@ def test_a_region_model_trains_caches_and_answers_on_features_as_wide_as_its_reg
                               ["eval.py", f"--weight={tmp_path / 'regions.safetensors'}", f"--video={video}",
                                "--prompt=When does it move?", "--max_new_tokens=2"])
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_a_records_time_offset_moves_its_frames_onto_the_clock_of_its_text_and_a_bad_one_is_named(
+        suite, temporal_cache, tokenizer, tmp_path):
+    """A window of a longer recording ("time_offset": 30): every frame time, cached or decoded, is 30 s later;
+    a malformed offset is one line naming the record, and the record is skipped."""
+    cache, good = FeatureCache(temporal_cache), records(suite / "sft_video.jsonl")[0]
+    bad = {"negative": -1.0, "text": "30", "not finite": float("inf"), "a bool": True}
+    data = jsonl(tmp_path / "train.jsonl", [good, {**good, "time_offset": 30}]
+                 + [{**good, "time_offset": v} for v in bad.values()])
+    chat = ChatEncoder(tokenizer, 2)
+    cached, decoded = (ConversationDataset(data, chat, CAP, 512, media_root=suite, cache=c, fps=SAMPLE_FPS,
+                                           need_times=True, preprocess=p)
+                       for c, p in ((cache, None), (None, lambda pixels: torch.zeros(len(pixels), 3, 2, 2))))
+    times = cache.get_times(good["video"])[0]
+    for dataset in (cached, decoded):
+        plain, windowed = dataset[0]["media"][0].times, dataset[1]["media"][0].times
+        assert torch.allclose(plain, times, atol=1e-3) and torch.allclose(windowed, plain + 30)
+    for i, value in enumerate(bad.values(), start=3):
+        assert cached[i - 1] == {"error": f'{data}:{i}: "time_offset" must be a number of seconds >= 0, not {json.dumps(value)}'}
