@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from model.atomic import atomic_write, remove_stale_temps
+from model.atomic import atomic_write, remove_stale_temps, write_safetensors
 
 MANIFEST = "manifest.json"
 TIMES = "@times/"   # tensor-name prefix of a media's frame times; media paths never start with it
@@ -214,7 +213,7 @@ class FeatureWriter:
         while f"{self.shard_prefix}{number:05d}.safetensors" in taken:
             number += 1
         name = f"{self.shard_prefix}{number:05d}.safetensors"
-        atomic_write(self.folder / name, lambda tmp: save_file(self.pending, tmp))
+        write_safetensors(self.folder / name, self.pending)
         self.index.update({k: name for k in self.pending if not k.startswith(TIMES)})
         # The manifest is written after its shard, so it never names a shard that is not there.
         atomic_write(self.manifest, lambda tmp: Path(tmp).write_text(json.dumps(self.index)))

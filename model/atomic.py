@@ -22,6 +22,14 @@ def atomic_write(path, write_fn):
             tmp.unlink()
 
 
+def write_safetensors(path, tensors: dict, metadata: dict | None = None):
+    """A safetensors file, written atomically. Serialised in memory, not by safetensors' save_file: that
+    one (0.8+) writes through a temp file of its own (.tmpXXXXXX) that a kill leaves behind, unclaimed."""
+    from safetensors.torch import save
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_dir(path, write_fn):
     """write_fn(tmp_folder) then swap it in: readers see the old folder or the new one, never a half one."""
     path = Path(path)

@@ -3,9 +3,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from model.atomic import atomic_write
+from model.atomic import write_safetensors
 from model.config import LMConfig, VisionConfig, config_from_dict, config_to_dict
 from model.vlm import VideoLLM
 from model.weights_io import CheckpointError, misfit, read_safetensors_metadata
@@ -28,7 +28,7 @@ def save_checkpoint(model: VideoLLM, path, **info):
     meta = {"lm_config": json.dumps(config_to_dict(model.lm_cfg)),
             "vision_config": json.dumps(config_to_dict(model.vision_cfg)),
             **{k: str(v) for k, v in info.items()}}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    write_safetensors(path, state, meta)
 
 
 def read_metadata(path) -> dict:

@@ -6,9 +6,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from model.atomic import atomic_write
+from model.atomic import write_safetensors
 from model.chat import chat_format
 from model.config import LMConfig, config_from_dict, config_to_dict
 from model.lm import LanguageModel
@@ -376,7 +376,7 @@ def save_lm(cfg: LMConfig, state: dict, path, **info):
     check_fits(cfg, state, {}, path)
     tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
     meta = {"lm_config": json.dumps(config_to_dict(cfg)), "kind": "lm", **{k: str(v) for k, v in info.items()}}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_safetensors(path, tensors, meta)
 
 
 def hf_architecture(cfg: LMConfig) -> str:
@@ -418,7 +418,7 @@ def save_hf_folder(cfg: LMConfig, state: dict, tokenizer, out_dir):
     fmt = chat_format(tokenizer)
     bos, eos, pad = (tokenizer.convert_tokens_to_ids(t) for t in (fmt.turn_start, fmt.turn_end, fmt.pad))
     tensors = {k: v.detach().float().contiguous() for k, v in rename_out(state, HF_NAMES).items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg, bos, eos, pad), indent=2) + "\n")
     generation = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")

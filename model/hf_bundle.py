@@ -10,8 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
-
+from model.atomic import write_safetensors
 from model.convert import ConversionError
 from model.vision import VISION_DIR, read_weights_metadata
 from model.weights_io import CheckpointError, load_torch_state_dict
@@ -65,8 +64,8 @@ def write_tower(folder: Path, source: str) -> str:
             state = load_torch_state_dict(source)
         except CheckpointError as e:
             raise ConversionError(str(e)) from None
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / TOWER_FILE),
-                  metadata={k: str(v) for k, v in read_weights_metadata(source).items()})
+        write_safetensors(folder / TOWER_FILE, {k: v.contiguous() for k, v in state.items()},
+                          {k: str(v) for k, v in read_weights_metadata(source).items()})
     return TOWER_FILE
 
 

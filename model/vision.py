@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.atomic import atomic_write
+from model.atomic import write_safetensors
 from model.config import MAX_REGIONS, VisionConfig
 from model.weights_io import CheckpointError, load_torch_state_dict, misfit, read_safetensors_metadata
 
@@ -89,12 +89,11 @@ def save_image_tower(model, out_path, **meta):
 
     meta: clip_model, pretrained, random_init, ... (stored as strings in the metadata).
     """
-    from safetensors.torch import save_file
     state = {f"visual.{k}": v.detach().contiguous().cpu() for k, v in model.visual.state_dict().items()}
     preprocess_cfg = dict(model.visual.preprocess_cfg)
     meta = {**{k: str(v) for k, v in meta.items()}, "image_size": size_text(preprocess_cfg["size"]),
             "preprocess_cfg": json.dumps(preprocess_cfg)}
-    atomic_write(out_path, lambda tmp: save_file(state, tmp, metadata=meta))
+    write_safetensors(out_path, state, meta)
 
 
 def read_weights_metadata(path: str) -> dict:
