@@ -1,6 +1,7 @@
 """Checkpoints: safetensors round trip with config + metadata, strict loads, clear errors, atomic writes."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,14 +101,13 @@ def test_saving_leaves_no_temporary_files_and_overwrites_in_place(tmp_path, make
 
 
 def test_a_failed_write_leaves_the_old_checkpoint_and_no_temp_file(tmp_path, make_vlm, monkeypatch):
-    import model.checkpoint as ckpt
     path = tmp_path / "m.safetensors"
     save_checkpoint(make_vlm(), path, step=1)
 
-    def broken(state, tmp, metadata):
-        open(tmp, "wb").write(b"half")
+    def broken(self, data):
+        open(self, "wb").write(data[:4])
         raise OSError("disk full")
-    monkeypatch.setattr(ckpt, "save_file", broken)
+    monkeypatch.setattr(Path, "write_bytes", broken)
     with pytest.raises(OSError):
         save_checkpoint(make_vlm(seed=3), path, step=2)
     assert os.listdir(tmp_path) == ["m.safetensors"]
