@@ -11,7 +11,6 @@ the pages copy-on-read duplicates, where VmRSS counts them from the fork on), an
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time

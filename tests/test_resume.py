@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import trainer.cli
 from conftest import ROOT, read_log
-from model.atomic import atomic_write, remove_stale_temps, write_safetensors
+from model.atomic import remove_stale_temps, write_safetensors
 from model.weights_io import load_torch_file
 
 NAME = "sft_video_32"

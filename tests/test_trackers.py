@@ -1,6 +1,5 @@
 """--wandb / --swanlab: the trackers get the same per-step records as out/logs/<run>.jsonl; a missing package or
 a tracker that cannot start is one line, and training goes on."""
-import json
 import sys
 import types
 from argparse import Namespace
